@@ -1,0 +1,101 @@
+"""KV cache: static, preallocated, batched; sliding-window layers keep a ring buffer of W slots.
+
+Every slot remembers the absolute position it holds (-1 = empty), so the attention mask is built
+from positions alone: ragged batches, padding, ring wrap-around and chunked prefill all follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mistral_nnx.config import MistralConfig
+from mistral_nnx.errors import MistralNNXError
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    k: jax.Array  # [B, C, K, E]
+    v: jax.Array  # [B, C, K, E]
+    pos: jax.Array  # [B, C] int32, absolute position held by each slot, -1 = empty
+    ring: bool = dataclasses.field(metadata=dict(static=True), default=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def can_write_before_read(self, num_new: int) -> bool:
+        """Writing a chunk before attending is safe unless a ring buffer would overwrite keys
+        that queries of the same chunk still need (only possible for chunks of 2+ tokens)."""
+        return not self.ring or num_new == 1
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array,
+              valid: jax.Array) -> LayerKV:
+        """Store the chunk's keys/values at slot position % C. Padding is dropped, and in a ring
+        only the newest C tokens of the chunk are written, so no two writes share a slot."""
+        b, t = positions.shape
+        c = self.capacity
+        newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+        keep = valid & (positions > newest - c)
+        slot = jnp.where(keep, positions % c, c)  # c is out of range: mode="drop" skips it
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        return LayerKV(
+            k=self.k.at[rows, slot].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[rows, slot].set(v.astype(self.v.dtype), mode="drop"),
+            pos=self.pos.at[rows, slot].set(positions.astype(jnp.int32), mode="drop"),
+            ring=self.ring,
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    layers: tuple[LayerKV, ...]
+
+    @property
+    def max_len(self) -> int:
+        return max(layer.capacity for layer in self.layers if not layer.ring) if any(
+            not layer.ring for layer in self.layers) else 2**31 - 1
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+
+def layer_capacity(window: int | None, max_len: int) -> tuple[int, bool]:
+    """(slots, is_ring). A window layer needs only W slots; full attention needs max_len."""
+    if window is not None and window < max_len:
+        return window, True
+    return max_len, False
+
+
+def init_cache(config: MistralConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
+               sharding: Any = None) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions.
+
+    `sharding`, if given, is a callable (shape, logical_axes) -> jax.sharding.Sharding.
+    """
+    if batch <= 0 or max_len <= 0:
+        raise MistralNNXError(f"cache: batch ({batch}) and max_len ({max_len}) must be positive")
+    layers = []
+    for window in config.layer_windows:
+        slots, ring = layer_capacity(window, max_len)
+        kv_shape = (batch, slots, config.num_kv_heads, config.head_dim)
+        kv_axes = ("batch", None, "kv_heads", "head_dim")
+        k = _zeros(kv_shape, dtype, kv_axes, sharding)
+        v = _zeros(kv_shape, dtype, kv_axes, sharding)
+        pos = jnp.full((batch, slots), -1, jnp.int32)
+        if sharding is not None:
+            pos = jax.device_put(pos, sharding(pos.shape, ("batch", None)))
+        layers.append(LayerKV(k, v, pos, ring))
+    return KVCache(tuple(layers))
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...],
+           sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding(shape, axes))()

@@ -1,0 +1,1 @@
+"""Checkpoint readers, name maps and placement; see loader.load_model."""

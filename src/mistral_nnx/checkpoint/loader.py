@@ -1,0 +1,198 @@
+"""load_model: resolve a source, read its config, stream its tensors into their final shards."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from mistral_nnx.checkpoint import names
+from mistral_nnx.checkpoint.safetensors_io import iter_safetensors, read_header, shard_files
+from mistral_nnx.config import MistralConfig, load_config
+from mistral_nnx.errors import MistralNNXError
+from mistral_nnx.model import Mistral
+from mistral_nnx.sharding import Rules, Sharder
+
+ORBAX_MARKER = "mistral_nnx.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "*.jinja", "tekken.json"]
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """A local path as is; a Hugging Face hub id downloaded into the standard HF cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+        except Exception as e:  # network, auth, missing repo: all end the same way for a user
+            raise MistralNNXError(
+                f"cannot download '{text}' from the Hugging Face hub ({type(e).__name__}); "
+                "with no network, pass a local directory or .gguf file path instead") from None
+    raise MistralNNXError(f"model path '{text}' does not exist")
+
+
+def detect_format(path: Path) -> str:
+    """'gguf', 'orbax', 'hf' or 'native'; a clear refusal for anything else."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise _pickle_refusal(path)
+        raise MistralNNXError(f"{path}: unknown model format (expected a directory or a .gguf)")
+    if (path / ORBAX_MARKER).exists():
+        return "orbax"
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        return "hf"
+    if (path / "consolidated.safetensors").exists() or (
+            path / "consolidated.safetensors.index.json").exists():
+        return "native"
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    pickles = [p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles:
+        raise _pickle_refusal(pickles[0])
+    raise MistralNNXError(f"{path}: unknown model format (no model.safetensors, "
+                          "consolidated.safetensors, .gguf or mistral_nnx checkpoint)")
+
+
+def _pickle_refusal(path: Path) -> MistralNNXError:
+    return MistralNNXError(
+        f"{path}: pickled checkpoints are never loaded (unpickling runs arbitrary code); convert "
+        "it once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+        ".save_pretrained(out, safe_serialization=True)")
+
+
+def gguf_file(path: Path) -> Path:
+    return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+
+
+def load_model(source: str | os.PathLike[str], *, dtype: Any = jnp.float32,
+               param_dtype: Any = None, mesh: jax.sharding.Mesh | None = None,
+               rules: str | Rules | None = None, progress: bool = True) -> Mistral:
+    """Load a checkpoint (HF safetensors, Mistral native, GGUF or this project's orbax format).
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With a
+    `mesh`, every tensor goes straight into its shards under `rules` (a preset name or mapping).
+    """
+    param_dtype = dtype if param_dtype is None else param_dtype
+    path = resolve_source(source)
+    fmt = detect_format(path)
+    sharder = Sharder(mesh, rules) if mesh is not None else None
+    if fmt == "orbax":
+        from mistral_nnx.checkpoint.orbax_io import load_orbax
+
+        return load_orbax(path, dtype=dtype, param_dtype=param_dtype, sharder=sharder)
+    if fmt == "gguf":
+        from mistral_nnx.checkpoint.gguf import iter_gguf_tensors, read_gguf_config
+
+        file = gguf_file(path)
+        config = read_gguf_config(file)
+        tensors: Iterator[tuple[str, np.ndarray, Path]] = (
+            (n, w, file) for n, w in iter_gguf_tensors(file, config))
+    else:
+        config = load_config(path)
+        if fmt == "hf":
+            files = shard_files(path, "model.safetensors.index.json", "model.safetensors")
+            tensors = iter_safetensors(files)
+        else:
+            files = shard_files(path, "consolidated.safetensors.index.json",
+                                "consolidated.safetensors")
+            native = iter_safetensors(files)
+            tensors = (names.native_to_hf(n, w, config) + (f,) for n, w, f in native)
+        for f in files:  # check every header before placing anything
+            read_header(f)
+    model = abstract_model(config, dtype, param_dtype)
+    return place_tensors(model, tensors, config, param_dtype, sharder, str(path), progress)
+
+
+def abstract_model(config: MistralConfig, dtype: Any, param_dtype: Any) -> Mistral:
+    """The model's structure with ShapeDtypeStruct leaves: no memory, no random init."""
+    return nnx.eval_shape(lambda: Mistral(config, dtype=dtype, param_dtype=param_dtype,
+                                          rngs=nnx.Rngs(0)))
+
+
+def param_sharding(var: Any, sharder: Sharder | None, name: str) -> jax.sharding.Sharding:
+    shape = var.get_value().shape
+    if sharder is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return sharder(shape, var.get_metadata().get("logical_axes", (None,) * len(shape)),
+                   strict=True, name=name)
+
+
+def check_shardable(model: Mistral, sharder: Sharder | None) -> None:
+    """Refuse uneven parameter sharding before any weight is read."""
+    if sharder is None:
+        return
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        param_sharding(var, sharder, ".".join(map(str, path)))
+
+
+def place_tensors(model: Mistral, tensors: Iterator[tuple[str, np.ndarray, Path]],
+                  config: MistralConfig, param_dtype: Any, sharder: Sharder | None,
+                  source: str, progress: bool) -> Mistral:
+    """Map, transform, cast and place each tensor into the abstract model; all or nothing."""
+    check_shardable(model, sharder)
+    graphdef, state = nnx.split(model)
+    targets = dict(nnx.to_flat_state(state))
+    table = names.hf_table(config)
+    loaded: set[tuple[Any, ...]] = set()
+    bar = tqdm(total=len(targets), desc="loading", unit="tensor", file=sys.stderr,
+               disable=not progress, leave=False)
+    for name, array, file in tensors:
+        if names.IGNORED_HF.match(name):
+            continue
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue  # tied checkpoints sometimes store the shared matrix twice
+        found = _lookup(table, name)
+        if found is None or found[0] not in targets:
+            raise MistralNNXError(f"{file}: unexpected tensor '{name}' for this config")
+        path, transform = found
+        var = targets[path]
+        value = transform(array)
+        if tuple(value.shape) != tuple(var.get_value().shape):
+            raise MistralNNXError(
+                f"{file}: tensor '{name}' has shape {list(array.shape)}, which disagrees with "
+                f"the config (expected {list(var.get_value().shape)} after layout change)")
+        sharding = param_sharding(var, sharder, name)
+        var.set_value(_place(value, param_dtype, sharding))
+        loaded.add(path)
+        bar.update()
+    bar.close()
+    missing = [".".join(map(str, p)) for p in targets if p not in loaded]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MistralNNXError(f"{source}: checkpoint is missing tensor for '{missing[0]}'{more}")
+    return nnx.merge(graphdef, state)
+
+
+def _lookup(table: list[Any], name: str) -> tuple[tuple[Any, ...], Any] | None:
+    """(model path, transform) of the first row whose pattern matches `name`."""
+    for pattern, path_fn, transform in table:
+        m = pattern.fullmatch(name)
+        if m:
+            return path_fn(m), transform
+    return None
+
+
+def _place(value: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Put each device's slice, cast, on that device: no device sees the whole tensor unless its
+    sharding says so, and multi-host works (each process feeds only its own devices)."""
+    dtype = np.dtype(dtype)
+    return jax.make_array_from_callback(
+        value.shape, sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype))

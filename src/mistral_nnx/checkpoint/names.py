@@ -1,0 +1,97 @@
+"""Declarative name maps: checkpoint tensor names -> model state paths + a transform.
+
+Every format is first expressed in Hugging Face names and HF torch layout ([out, in] linear
+weights, half-rotation q/k rows); one table then maps HF names onto this model's layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from mistral_nnx.config import MistralConfig
+
+Path_ = tuple[str | int, ...]
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def hf_table(config: MistralConfig) -> list[tuple[re.Pattern[str], Callable[[re.Match[str]],
+                                                                             Path_], Transform]]:
+    """(regex on the HF name, model path from the match, transform to our layout)."""
+    d, h, k, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+
+    def layer(*rest: str) -> Callable[[re.Match[str]], Path_]:
+        return lambda m: ("layers", int(m.group(1)), *rest)
+
+    def heads_in(n: int) -> Transform:  # [n*e, d] -> [d, n, e]
+        return lambda w: w.reshape(n, e, d).transpose(2, 0, 1)
+
+    def transpose(w: np.ndarray) -> np.ndarray:
+        return w.T
+
+    def identity(w: np.ndarray) -> np.ndarray:
+        return w
+
+    rows: list[tuple[str, Callable[[re.Match[str]], Path_], Transform]] = [
+        (r"model\.embed_tokens\.weight", lambda m: ("embed",), identity),
+        (r"model\.norm\.weight", lambda m: ("norm", "weight"), identity),
+        (r"lm_head\.weight", lambda m: ("lm_head",), transpose),
+        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", layer("attn", "wq"), heads_in(h)),
+        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", layer("attn", "wk"), heads_in(k)),
+        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", layer("attn", "wv"), heads_in(k)),
+        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", layer("attn", "wo"),
+         lambda w: w.reshape(d, h, e).transpose(1, 2, 0)),
+        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", layer("mlp", "gate"), transpose),
+        (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", layer("mlp", "up"), transpose),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", layer("mlp", "down"), transpose),
+        (r"model\.layers\.(\d+)\.input_layernorm\.weight", layer("attn_norm", "weight"),
+         identity),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", layer("mlp_norm", "weight"),
+         identity),
+    ]
+    return [(re.compile(pattern), path, fn) for pattern, path, fn in rows]
+
+
+# Tensors some HF checkpoints carry that hold no weights of this network.
+IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def interleaved_to_half(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Reorder q/k projection rows from interleaved RoPE pairs (Mistral native, llama.cpp) to
+    HF's half-rotation layout: per head, rows (0,1),(2,3),... become (0..E/2-1),(E/2..E-1)."""
+    rows, cols = w.shape
+    e = rows // num_heads
+    return w.reshape(num_heads, e // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+_NATIVE = [
+    (r"tok_embeddings\.weight", "model.embed_tokens.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"layers\.(\d+)\.attention\.wq\.weight", "model.layers.{}.self_attn.q_proj.weight"),
+    (r"layers\.(\d+)\.attention\.wk\.weight", "model.layers.{}.self_attn.k_proj.weight"),
+    (r"layers\.(\d+)\.attention\.wv\.weight", "model.layers.{}.self_attn.v_proj.weight"),
+    (r"layers\.(\d+)\.attention\.wo\.weight", "model.layers.{}.self_attn.o_proj.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w1\.weight", "model.layers.{}.mlp.gate_proj.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w2\.weight", "model.layers.{}.mlp.down_proj.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w3\.weight", "model.layers.{}.mlp.up_proj.weight"),
+    (r"layers\.(\d+)\.attention_norm\.weight", "model.layers.{}.input_layernorm.weight"),
+    (r"layers\.(\d+)\.ffn_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
+]
+_NATIVE_RE = [(re.compile(p), target) for p, target in _NATIVE]
+
+
+def native_to_hf(name: str, w: np.ndarray, config: MistralConfig) -> tuple[str, np.ndarray]:
+    """A Mistral-native tensor as its HF name and layout (q/k rows un-interleaved)."""
+    for pattern, target in _NATIVE_RE:
+        m = pattern.fullmatch(name)
+        if m:
+            hf_name = target.format(*m.groups())
+            if name.endswith("attention.wq.weight"):
+                w = interleaved_to_half(w, config.num_heads)
+            elif name.endswith("attention.wk.weight"):
+                w = interleaved_to_half(w, config.num_kv_heads)
+            return hf_name, w
+    return name, w  # unknown: reported as unexpected by the loader

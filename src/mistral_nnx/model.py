@@ -1,0 +1,230 @@
+"""The Mistral network: pure math on arrays. No I/O, no sampling, no cache policy.
+
+Shapes: B batch, T new tokens, S keys, D embed, H query heads, K kv heads, G = H // K,
+E head_dim, M mlp, V vocab. Every parameter carries logical axis names (metadata
+`logical_axes`) that sharding rules map onto a device mesh; head_dim is never sharded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mistral_nnx.cache import KVCache, LayerKV
+from mistral_nnx.config import MistralConfig
+from mistral_nnx.sharding import constrain
+
+Dtype = Any
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Dtype,
+           fan_in: int) -> nnx.Param:
+    value = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype: Dtype, rngs: nnx.Rngs) -> None:
+        # Ones + small noise: a random model must not be degenerate, and norms must matter.
+        noise = 0.1 * jax.random.normal(rngs.params(), (dim,), jnp.float32)
+        self.weight = nnx.Param((1.0 + noise).astype(param_dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)  # the statistics always in float32, as in HF
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+def rope_inv_freq(config: MistralConfig) -> np.ndarray:
+    """Inverse frequencies of HF's RoPE (half-rotation layout), with optional scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = config.rope_scaling_dict
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling[
+            "high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > old_ctx / low, inv_freq / factor,
+                            np.where(wavelen < old_ctx / high, inv_freq, blended))
+    return inv_freq.astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, T, E] for integer positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, E]; rotates the two halves of the head dim (HF's rotate_half)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: MistralConfig, window: int | None, *, dtype: Dtype,
+                 param_dtype: Dtype, rngs: nnx.Rngs) -> None:
+        d, h, k, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.wq = _param(rngs, (d, h, e), ("embed", "q_heads", "head_dim"), param_dtype, d)
+        self.wk = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), param_dtype, d)
+        self.wv = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), param_dtype, d)
+        self.wo = _param(rngs, (h, e, d), ("q_heads", "head_dim", "embed"), param_dtype, h * e)
+        self.window = window
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
+                 cos: jax.Array, sin: jax.Array,
+                 cache: LayerKV | None) -> tuple[jax.Array, LayerKV | None]:
+        dt = self.dtype
+        q = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
+        q = constrain(apply_rope(q, cos, sin), ("batch", None, "q_heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", None, "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
+
+        new_pos = jnp.where(valid, positions, -1)  # padding is never a key
+        if cache is None:
+            keys, values, key_pos = k, v, new_pos
+        elif cache.can_write_before_read(x.shape[1]):
+            # Decode (or a full-attention layer): writing first overwrites nothing still needed.
+            cache = cache.write(k, v, positions, valid)
+            keys, values, key_pos = cache.k, cache.v, cache.pos
+        else:
+            # A ring buffer taking a multi-token chunk: attend over the old entries plus the
+            # chunk, then keep the newest entries.
+            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+            key_pos = jnp.concatenate([cache.pos, new_pos], axis=1)
+            cache = cache.write(k, v, positions, valid)
+
+        out = attend(q, keys.astype(dt), values.astype(dt), positions, key_pos, self.window)
+        out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
+        return out, cache
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+           window: int | None) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,E], k/v [B,S,K,E], q_pos [B,T], k_pos [B,S] (-1 = empty).
+
+    Query at position i sees key j when 0 <= j <= i and (no window or i - j < window).
+    """
+    b, t, h, e = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(e))
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= qp - kp < window
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v)
+    return out.reshape(b, t, h, e)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: MistralConfig, *, dtype: Dtype, param_dtype: Dtype,
+                 rngs: nnx.Rngs) -> None:
+        d, m = config.hidden_size, config.intermediate_size
+        self.gate = _param(rngs, (d, m), ("embed", "mlp"), param_dtype, d)
+        self.up = _param(rngs, (d, m), ("embed", "mlp"), param_dtype, d)
+        self.down = _param(rngs, (m, d), ("mlp", "embed"), param_dtype, m)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate = x @ self.gate[...].astype(dt)
+        up = x @ self.up[...].astype(dt)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+        return hidden @ self.down[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: MistralConfig, window: int | None, *, dtype: Dtype,
+                 param_dtype: Dtype, rngs: nnx.Rngs) -> None:
+        eps = config.rms_norm_eps
+        self.attn_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(config, window, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array, cos: jax.Array,
+                 sin: jax.Array, cache: LayerKV | None) -> tuple[jax.Array, LayerKV | None]:
+        attn_out, cache = self.attn(self.attn_norm(x), positions, valid, cos, sin, cache)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", None, "embed")), cache
+
+
+class Mistral(nnx.Module):
+    """Decoder-only transformer. `model(tokens)` -> float32 logits [B, T, vocab]."""
+
+    def __init__(self, config: MistralConfig, *, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None) -> None:
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        d = config.hidden_size
+        self.embed = _param(rngs, (config.vocab_size, d), ("vocab", "embed"), param_dtype, 1)
+        self.layers = nnx.List([
+            DecoderLayer(config, w, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for w in config.layer_windows
+        ])
+        self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (d, config.vocab_size), ("embed", "vocab"),
+                                  param_dtype, d)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 valid: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int32; positions [B, T] (default 0..T-1); valid [B, T] bool padding mask
+        (default all True). Returns float32 logits [B, T, vocab]."""
+        logits, _ = self.forward(tokens, positions, valid)
+        return logits
+
+    def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
+                valid: jax.Array | None = None, cache: KVCache | None = None,
+                logit_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The full call. With `cache`, keys/values of earlier tokens come from it and the new
+        ones are written into it. With `logit_index` [B], only the logits of that position of
+        each row are computed: [B, vocab]."""
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if valid is None:
+            valid = jnp.ones((b, t), dtype=bool)
+        cos, sin = rope_tables(positions, rope_inv_freq(self.config))
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", None, "embed"))
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, valid, cos, sin,
+                                   None if cache is None else cache.layers[i])
+            new_layers.append(layer_cache)
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            head = self.embed[...].astype(self.dtype).T
+        else:
+            head = self.lm_head[...].astype(self.dtype)
+        logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+        new_cache = None if cache is None else KVCache(tuple(new_layers))  # type: ignore[arg-type]
+        return logits, new_cache

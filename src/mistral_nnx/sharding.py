@@ -1,0 +1,155 @@
+"""Logical axis names -> mesh axes. Presets, custom rules, make_mesh, activation constraints."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mistral_nnx.errors import MistralNNXError
+
+LOGICAL_AXES = ("batch", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
+
+PRESETS: dict[str, dict[str, str | None]] = {
+    "tp": {"q_heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model",
+           "batch": "data"},
+    "fsdp": {"embed": "data", "batch": "data"},
+    "tp+fsdp": {"q_heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model",
+                "embed": "data", "batch": "data"},
+    "replicated": {"batch": "data"},
+}
+
+Rules = Mapping[str, str | None]
+
+
+def make_mesh(spec: str, devices: Sequence[Any] | None = None) -> Mesh:
+    """`"data=2,model=4"` -> a Mesh over the available devices (sizes must multiply to the count).
+
+    Axis types are Auto (not Explicit, the default of recent `jax.make_mesh`): the model states
+    shardings on parameters, cache and a few activations, and lets XLA's partitioner propagate
+    the rest, so no op needs a sharding-aware type rule.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = [], []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*(\d+)\s*", part)
+        if not match:
+            raise MistralNNXError(f"mesh: cannot parse {part!r} in {spec!r} "
+                                  "(expected e.g. 'data=2,model=4')")
+        if match.group(1) in names:
+            raise MistralNNXError(f"mesh: axis {match.group(1)!r} given twice in {spec!r}")
+        names.append(match.group(1))
+        sizes.append(int(match.group(2)))
+    if math.prod(sizes) != len(devices):
+        raise MistralNNXError(f"mesh: {spec!r} needs {math.prod(sizes)} devices but "
+                              f"{len(devices)} are available")
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=auto, devices=devices)
+
+
+def resolve_rules(rules: str | Rules | None, mesh: Mesh) -> dict[str, str | None]:
+    """A preset name or a mapping; every mesh axis named must exist on the mesh."""
+    if rules is None:
+        rules = "tp+fsdp"
+    if isinstance(rules, str):
+        if rules not in PRESETS:
+            raise MistralNNXError(f"rules: unknown preset {rules!r} "
+                                  f"(presets: {', '.join(PRESETS)})")
+        rules = PRESETS[rules]
+    out: dict[str, str | None] = {}
+    for logical, axis in rules.items():
+        if logical not in LOGICAL_AXES:
+            raise MistralNNXError(f"rules: unknown logical axis {logical!r} "
+                                  f"(known: {', '.join(LOGICAL_AXES)})")
+        if logical == "head_dim" and axis is not None:
+            raise MistralNNXError("rules: head_dim is never sharded")
+        if axis is not None and axis not in mesh.axis_names:
+            raise MistralNNXError(f"rules: mesh axis {axis!r} (for {logical!r}) is not in the "
+                                  f"mesh {dict(mesh.shape)}")
+        out[logical] = axis
+    return out
+
+
+def partition_spec(axes: Sequence[str | None], rules: Mapping[str, str | None]) -> PartitionSpec:
+    """Logical axes -> PartitionSpec. A mesh axis is used at most once per array."""
+    used: set[str] = set()
+    spec: list[str | None] = []
+    for name in axes:
+        axis = rules.get(name) if name is not None else None
+        if axis is not None and axis in used:
+            axis = None
+        if axis is not None:
+            used.add(axis)
+        spec.append(axis)
+    return PartitionSpec(*spec)
+
+
+class Sharder:
+    """Maps (shape, logical axes) to a NamedSharding on one mesh under one set of rules.
+
+    `strict` (parameters) refuses a dimension the rules would split unevenly; otherwise (caches,
+    activations) such a dimension is replicated, as large frameworks do for 2 kv heads over 4.
+    """
+
+    def __init__(self, mesh: Mesh, rules: str | Rules | None = None) -> None:
+        self.mesh = mesh
+        self.rules = resolve_rules(rules, mesh)
+
+    def spec(self, shape: Sequence[int], axes: Sequence[str | None], *, strict: bool = False,
+             name: str = "array") -> PartitionSpec:
+        spec = list(partition_spec(axes, self.rules))
+        for i, axis in enumerate(spec):
+            if axis is None:
+                continue
+            n = self.mesh.shape[axis]
+            if shape[i] % n:
+                if strict:
+                    raise MistralNNXError(
+                        f"sharding: {name} dimension {i} ({axes[i]}, size {shape[i]}) does not "
+                        f"divide evenly over mesh axis {axis!r} of size {n}")
+                spec[i] = None
+        return PartitionSpec(*spec)
+
+    def __call__(self, shape: Sequence[int], axes: Sequence[str | None], *, strict: bool = False,
+                 name: str = "array") -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(shape, axes, strict=strict, name=name))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+_ACTIVE: contextvars.ContextVar[Sharder | None] = contextvars.ContextVar("sharder", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(sharder: Sharder | None) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the mesh."""
+    token = _ACTIVE.set(sharder)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """A sharding constraint on an activation, or nothing when no mesh is active."""
+    sharder = _ACTIVE.get()
+    if sharder is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharder(x.shape, axes))
+
+
+def host_local_array(x: Any) -> np.ndarray:
+    """Fully gather a (possibly multi-host sharded) array to a numpy array on every host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -1,0 +1,74 @@
+"""Tiny random checkpoints built with transformers (PyTorch float32), saved locally."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def randomize_norms(model: Any, seed: int = 0) -> None:
+    """HF initialises norms to 1; 1 + 0.1 N(0,1) makes the test sensitive to them."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+
+
+def build_hf(kind: str, directory: Path, seed: int = 0, **overrides: Any) -> Any:
+    """Create and save a tiny random HF model of `kind`; returns the torch model (eval, f32)."""
+    import torch
+    import transformers as tf
+
+    base: dict[str, Any] = dict(vocab_size=211, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=512,
+                                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    if kind == "mistral":
+        config = tf.MistralConfig(**base)
+        model = tf.MistralForCausalLM(config)
+    elif kind == "ministral":
+        config = tf.MinistralConfig(**base)
+        model = tf.MinistralForCausalLM(config)
+    elif kind == "llama":
+        config = tf.LlamaConfig(**base)
+        model = tf.LlamaForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    randomize_norms(model, seed)
+    model = model.float().eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gqa_window16": ("mistral", dict(sliding_window=16)),
+    "mha_nowindow": ("mistral", dict(num_key_value_heads=4, sliding_window=None)),
+    "head_dim": ("mistral", dict(head_dim=24, sliding_window=None)),
+    "tied": ("mistral", dict(tie_word_embeddings=True, sliding_window=32)),
+    "interleaved": ("ministral", dict(
+        num_hidden_layers=4, sliding_window=8, head_dim=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"])),
+    "llama": ("llama", dict()),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """name -> (directory, torch model) for every config in CONFIGS, built once per session."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, (name, (kind, overrides)) in enumerate(CONFIGS.items()):
+        out[name] = (root / name, build_hf(kind, root / name, seed=i, **overrides))
+    return out
