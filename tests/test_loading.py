@@ -1,0 +1,231 @@
+"""Checkpoint formats, streaming placement, atomic orbax writes and every bad-input refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import mistral_nnx as mn
+from mistral_nnx.checkpoint import orbax_io
+from mistral_nnx.errors import MistralNNXError
+
+
+def _tokens(seq: int = 48) -> jnp.ndarray:
+    return jnp.asarray(np.random.RandomState(3).randint(0, 211, (2, seq)).astype(np.int32))
+
+
+def _logits(model, tokens=None) -> np.ndarray:
+    return np.asarray(model(_tokens() if tokens is None else tokens))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _half_to_interleaved(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF q/k rows -> Mistral-native interleaved RoPE rows (what Mistral's own files hold)."""
+    rows, cols = w.shape
+    e = rows // heads
+    return w.reshape(heads, 2, e // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _write_native(hf_model, directory: Path, params: dict) -> None:
+    hf_to_native = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    out = {}
+    for name, tensor in hf_model.state_dict().items():
+        w = tensor.numpy().copy()
+        if name in hf_to_native:
+            out[hf_to_native[name]] = w
+            continue
+        _, _, i, *rest = name.split(".")
+        module = ".".join(rest[:-1])
+        if module == "self_attn.q_proj":
+            w = _half_to_interleaved(w, params["n_heads"])
+        elif module == "self_attn.k_proj":
+            w = _half_to_interleaved(w, params["n_kv_heads"])
+        out[f"layers.{i}.{per_layer[module]}.weight"] = w
+    directory.mkdir()
+    save_file(out, directory / "consolidated.safetensors")
+    (directory / "params.json").write_text(json.dumps(params))
+
+
+def test_mistral_native_layout_matches_hf(hf_checkpoints, tmp_path):
+    directory, hf_model = hf_checkpoints["gqa_window16"]
+    hf_logits = _logits(mn.load_model(directory, progress=False))
+    params = {"dim": 64, "n_layers": 3, "head_dim": 16, "hidden_dim": 128, "n_heads": 4,
+              "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 211, "rope_theta": 10000.0,
+              "sliding_window": 16}
+    _write_native(hf_model, tmp_path / "native", params)
+    native = mn.load_model(tmp_path / "native", progress=False)
+    assert native.config.layer_windows == (16, 16, 16)
+    assert np.abs(_logits(native) - hf_logits).max() < 1e-5
+
+
+def test_native_per_layer_window_list(hf_checkpoints, tmp_path):
+    """params.json's window list (Ministral) gives the same network as HF layer_types."""
+    directory, hf_model = hf_checkpoints["interleaved"]
+    params = {"dim": 64, "n_layers": 4, "head_dim": 16, "hidden_dim": 128, "n_heads": 4,
+              "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 211, "rope_theta": 10000.0,
+              "max_seq_len": 512, "sliding_window": [8, 8, 512, 8]}
+    _write_native(hf_model, tmp_path / "native", params)
+    native = mn.load_model(tmp_path / "native", progress=False)
+    assert native.config.layer_windows == (8, 8, None, 8)
+    tokens = _tokens(40)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+    assert np.abs(_logits(native, tokens) - ref).max() < 1e-4
+
+
+def test_sharded_hf_checkpoint(hf_checkpoints, tmp_path):
+    directory, hf_model = hf_checkpoints["mha_nowindow"]
+    hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    sharded = mn.load_model(tmp_path / "sharded", progress=False)
+    single = mn.load_model(directory, progress=False)
+    assert np.array_equal(_logits(sharded), _logits(single))
+
+
+def test_orbax_round_trip_is_exact(hf_checkpoints, tmp_path):
+    directory, _ = hf_checkpoints["tied"]
+    model = mn.load_model(directory, progress=False)
+    mn.save_model(model, tmp_path / "orbax")
+    again = mn.load_model(tmp_path / "orbax", progress=False)
+    assert again.config == model.config
+    assert np.array_equal(_logits(again), _logits(model))
+    with pytest.raises(MistralNNXError, match="already exists"):
+        mn.save_model(model, tmp_path / "orbax")
+    bf16 = mn.load_model(tmp_path / "orbax", param_dtype=jnp.bfloat16, progress=False)
+    assert bf16.embed[...].dtype == jnp.bfloat16
+
+
+def test_orbax_write_is_atomic(hf_checkpoints, tmp_path, monkeypatch):
+    directory, _ = hf_checkpoints["llama"]
+    model = mn.load_model(directory, progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orbax_io.shutil, "copy2", interrupted)  # dies after the arrays
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        mn.save_model(model, target, extra_files=[directory / "config.json"])
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+    with pytest.raises(MistralNNXError, match="does not exist"):
+        mn.load_model(target)
+    # Overwriting an existing checkpoint that then fails keeps the old one intact.
+    monkeypatch.undo()
+    mn.save_model(model, target)
+    monkeypatch.setattr(orbax_io.shutil, "copy2", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mn.save_model(model, target, overwrite=True, extra_files=[directory / "config.json"])
+    assert np.array_equal(_logits(mn.load_model(target, progress=False)), _logits(model))
+
+
+# ---- bad input: one clear error naming the file / tensor, nothing half-loaded --------------
+
+def test_missing_path():
+    with pytest.raises(MistralNNXError, match="model path '/no/such/dir' does not exist"):
+        mn.load_model("/no/such/dir")
+
+
+def test_hub_id_without_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MistralNNXError, match="cannot download 'someorg/no-such-model'.*local"):
+        mn.load_model("someorg/no-such-model")
+
+
+def test_unknown_format(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(MistralNNXError, match="unknown model format"):
+        mn.load_model(tmp_path)
+    with pytest.raises(MistralNNXError, match="unknown model format"):
+        mn.load_model(tmp_path / "notes.txt")
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(MistralNNXError, match=r"pytorch_model\.bin: pickled.*save_pretrained"):
+        mn.load_model(tmp_path)
+    with pytest.raises(MistralNNXError, match="pickled"):
+        mn.load_model(tmp_path / "pytorch_model.bin")
+
+
+def test_truncated_safetensors(hf_checkpoints, tmp_path):
+    d = _copy(hf_checkpoints["llama"][0], tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(MistralNNXError, match=r"model\.safetensors: truncated file: tensor '"):
+        mn.load_model(d)
+
+
+def test_corrupt_safetensors_header(hf_checkpoints, tmp_path):
+    d = _copy(hf_checkpoints["llama"][0], tmp_path / "m")
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"#" * 12
+    f.write_bytes(bytes(data))
+    with pytest.raises(MistralNNXError, match=r"model\.safetensors: corrupt safetensors header"):
+        mn.load_model(d)
+    f.write_bytes(b"abc")
+    with pytest.raises(MistralNNXError, match="truncated safetensors file"):
+        mn.load_model(d)
+
+
+def test_shape_disagrees_with_config(hf_checkpoints, tmp_path):
+    d = _copy(hf_checkpoints["llama"][0], tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MistralNNXError, match=r"tensor 'model\.layers\.0\.mlp\..*disagrees"):
+        mn.load_model(d)
+
+
+def test_missing_and_unexpected_tensors(hf_checkpoints, tmp_path):
+    src, hf_model = hf_checkpoints["llama"]
+    tensors = {k: v.numpy().copy() for k, v in hf_model.state_dict().items()}
+    d = _copy(src, tmp_path / "missing")
+    save_file({k: v for k, v in tensors.items() if "layers.2.mlp.up" not in k},
+              d / "model.safetensors")
+    with pytest.raises(MistralNNXError, match=r"missing tensor for 'layers\.2\.mlp\.up'"):
+        mn.load_model(d)
+    d = _copy(src, tmp_path / "extra")
+    save_file({**tensors, "model.layers.9.mlp.up_proj.weight": tensors["lm_head.weight"]},
+              d / "model.safetensors")
+    with pytest.raises(MistralNNXError, match=r"unexpected tensor 'model\.layers\.9\.mlp"):
+        mn.load_model(d)
+
+
+def test_bad_config_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(MistralNNXError, match=r"config\.json: model_type 'mixtral'"):
+        mn.load_model(tmp_path)
+
+
+def test_corrupt_orbax_marker(hf_checkpoints, tmp_path):
+    model = mn.load_model(hf_checkpoints["llama"][0], progress=False)
+    mn.save_model(model, tmp_path / "o")
+    (tmp_path / "o" / "mistral_nnx.json").write_text("{")
+    with pytest.raises(MistralNNXError, match="corrupt mistral_nnx checkpoint marker"):
+        mn.load_model(tmp_path / "o")

@@ -1,0 +1,121 @@
+"""The network against transformers (PyTorch float32) on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import mistral_nnx as mn
+from conftest import CONFIGS
+
+SEQ = 64
+
+
+def _tokens(batch: int = 2, seq: int = SEQ, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 211, (batch, seq)).astype(np.int32)
+
+
+def _reference(hf_model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(hf_checkpoints, name):
+    directory, hf_model = hf_checkpoints[name]
+    model = mn.load_model(directory, progress=False)
+    tokens = _tokens()
+    ref = _reference(hf_model, tokens)
+    out = np.asarray(model(jnp.asarray(tokens)))
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    assert np.abs(out - ref).max() < 1e-4
+    # Not flat: the logits vary over the vocabulary and between positions.
+    assert out.std(axis=-1).min() > 1e-2
+    assert np.abs(np.diff(out, axis=1)).max() > 1e-2
+
+
+def test_window_bites(hf_checkpoints):
+    """Sequence 64 with window 16: the window must change logits vs full attention."""
+    directory, hf_model = hf_checkpoints["gqa_window16"]
+    model = mn.load_model(directory, progress=False)
+    tokens = jnp.asarray(_tokens())
+    windowed = np.asarray(model(tokens))
+    model.config = model.config.replace(layer_windows=(None,) * model.config.num_layers)
+    for layer in model.layers:
+        layer.attn.window = None
+    full = np.asarray(model(tokens))
+    assert np.abs(windowed[:, :16] - full[:, :16]).max() < 1e-5
+    assert np.abs(windowed[:, 17:] - full[:, 17:]).max() > 1e-3
+
+
+def test_bf16_params_within_bf16_tolerance(hf_checkpoints):
+    directory, hf_model = hf_checkpoints["gqa_window16"]
+    tokens = _tokens()
+    ref = _reference(hf_model, tokens)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        model = mn.load_model(directory, dtype=dtype, param_dtype=jnp.bfloat16, progress=False)
+        assert model.embed[...].dtype == jnp.bfloat16
+        out = np.asarray(model(jnp.asarray(tokens)))
+        assert out.dtype == np.float32
+        scale = np.abs(ref).max()
+        assert np.abs(out - ref).max() < 0.05 * scale
+        # Same argmax almost everywhere.
+        assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_positions_and_padding_mask(hf_checkpoints):
+    """Right padding and explicit positions: valid tokens see exactly what they see unpadded."""
+    directory, hf_model = hf_checkpoints["gqa_window16"]
+    model = mn.load_model(directory, progress=False)
+    tokens = _tokens(1, 40)
+    ref = _reference(hf_model, tokens)[0]
+    padded = np.concatenate([tokens, np.full((1, 24), 7, np.int32)], axis=1)
+    valid = np.arange(64)[None] < 40
+    out = np.asarray(model(jnp.asarray(padded), valid=jnp.asarray(valid)))[0, :40]
+    assert np.abs(out - ref).max() < 1e-4
+    # Left padding with explicit positions gives the same logits too.
+    left = np.concatenate([np.full((1, 24), 7, np.int32), tokens], axis=1)
+    positions = np.clip(np.arange(64) - 24, 0, None)[None].astype(np.int32)
+    out = model(jnp.asarray(left), positions=jnp.asarray(positions),
+                valid=jnp.asarray(np.arange(64)[None] >= 24))
+    assert np.abs(np.asarray(out)[0, 24:] - ref).max() < 1e-4
+
+
+def test_random_init_is_not_degenerate():
+    config = mn.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_layers=2,
+                              num_heads=4, num_kv_heads=2, head_dim=8, layer_windows=(8, None))
+    model = mn.Mistral(config, rngs=nnx.Rngs(1))
+    logits = np.asarray(model(jnp.asarray(_tokens(2, 16) % 101)))
+    assert np.isfinite(logits).all()
+    assert logits.std(axis=-1).min() > 1e-3
+    assert len(set(logits[0].argmax(-1).tolist())) > 1
+
+
+def test_every_parameter_has_logical_axes():
+    config = mn.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_layers=2,
+                              num_heads=4, num_kv_heads=2, head_dim=8, layer_windows=(8, None))
+    model = mn.Mistral(config)
+    known = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp"}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata()["logical_axes"]
+        assert len(axes) == var.get_value().ndim, path
+        assert set(axes) <= known, path
+    assert model.layers[0].attn.wq.get_metadata()["logical_axes"] == (
+        "embed", "q_heads", "head_dim")
+
+
+def test_jit_over_split_state(hf_checkpoints):
+    directory, _ = hf_checkpoints["llama"]
+    model = mn.load_model(directory, progress=False)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, tokens):
+        return nnx.merge(graphdef, state)(tokens)
+
+    tokens = jnp.asarray(_tokens())
+    assert np.abs(np.asarray(forward(state, tokens)) - np.asarray(model(tokens))).max() < 1e-5
