@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -38,7 +39,7 @@ class MistralConfig:
     model_type: str = "mistral"
 
     def __post_init__(self) -> None:
-        self.validate("config")
+        self.validate(_SOURCE.get())
 
     # ---- checks -------------------------------------------------------------------------------
     def validate(self, source: str) -> None:
@@ -168,7 +169,8 @@ class MistralConfig:
 
         eos = data.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(
+        return _build(
+            cls, source,
             vocab_size=get("vocab_size", int),
             hidden_size=hidden,
             intermediate_size=get("intermediate_size", int),
@@ -211,11 +213,12 @@ class MistralConfig:
             windows = [window[i % len(window)] for i in range(num_layers)]
         else:
             windows = [window] * num_layers
-        max_seq = data.get("max_seq_len") or data.get("max_position_embeddings") or 32768
-        windows = [_native_window(w, max_seq, source) for w in windows]
+        declared = data.get("max_seq_len") or data.get("max_position_embeddings")
+        windows = [_native_window(w, declared, source) for w in windows]
         if "rope_scaling" in data or "yarn" in data:
             raise MistralNNXError(f"{source}: rope scaling in params.json is not supported")
-        return cls(
+        return _build(
+            cls, source,
             vocab_size=get("vocab_size", int),
             hidden_size=dim,
             intermediate_size=get("hidden_dim", int),
@@ -226,7 +229,7 @@ class MistralConfig:
             layer_windows=tuple(windows),
             rms_norm_eps=float(data.get("norm_eps", 1e-5)),
             rope_theta=float(data.get("rope_theta", 10000.0)),
-            max_position_embeddings=int(max_seq),
+            max_position_embeddings=int(declared or 32768),
             tie_word_embeddings=bool(data.get("tied_embeddings", False)),
             bos_token_id=1,
             eos_token_ids=(2,),
@@ -234,13 +237,25 @@ class MistralConfig:
         )
 
 
-def _native_window(w: Any, max_seq: int, source: str) -> int | None:
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("config_source", default="config")
+
+
+def _build(cls: type[MistralConfig], source: str, **fields: Any) -> MistralConfig:
+    """Construct with validation errors naming `source` (the file the fields came from)."""
+    token = _SOURCE.set(source)
+    try:
+        return cls(**fields)
+    finally:
+        _SOURCE.reset(token)
+
+
+def _native_window(w: Any, max_seq: int | None, source: str) -> int | None:
     if w is None:
         return None
     if not isinstance(w, int) or isinstance(w, bool) or w <= 0:
         raise MistralNNXError(f"{source}: field 'sliding_window' has invalid entry {w!r}")
     # A window as long as the context is full attention (Ministral writes it that way).
-    return None if w >= max_seq else w
+    return None if max_seq is not None and w >= max_seq else w
 
 
 def _freeze(d: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
