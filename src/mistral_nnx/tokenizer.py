@@ -95,7 +95,10 @@ class MistralCommonTokenizer:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         try:
-            request = ChatCompletionRequest(messages=[dict(m) for m in messages])  # type: ignore[misc]
+            messages_json = [dict(m) for m in messages]
+            request: ChatCompletionRequest[Any] = ChatCompletionRequest.model_validate(
+                {"messages": messages_json}
+            )
             return list(self._mistral.encode_chat_completion(request).tokens)
         except Exception as err:  # pydantic validation or mistral-common's message checks
             raise MistralNNXError(f"messages: {_one_line(err)}") from err
@@ -193,7 +196,11 @@ def _compile_chat_template(template: str, source: str) -> Any:
         sort_keys: bool = False,
     ) -> str:
         return json.dumps(
-            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
         )
 
     def strftime_now(format: str) -> str:
@@ -323,7 +330,9 @@ def _load_gguf(path: Path) -> HFTokenizer:
             str(path.parent), gguf_file=path.name, local_files_only=True
         )
     except Exception as err:
-        raise MistralNNXError(f"{path}: cannot build a tokenizer from it: {_one_line(err)}") from err
+        raise MistralNNXError(
+            f"{path}: cannot build a tokenizer from it: {_one_line(err)}"
+        ) from err
 
     special_tokens = {
         name: str(value)

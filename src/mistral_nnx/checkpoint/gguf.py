@@ -120,7 +120,8 @@ def read_gguf_config(path: Path) -> MistralConfig:
 def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, float32 array)`` for every weight, dequantising one tensor at a time.
 
-    All tensors are checked (present, supported type, no extras) before the first is yielded.
+    All tensors are checked (present, expected shape, supported type, no extras) before the
+    first is yielded.
     ``lm_head.weight`` is yielded only when ``config.tie_word_embeddings`` is false.
     """
     path = Path(path)
@@ -131,18 +132,21 @@ def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, 
     plan = _tensor_plan(config)
     missing = [gguf_name for gguf_name, _, _ in plan if gguf_name not in by_name]
     if missing:
-        raise MistralNNXError(
-            f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing in total)"
-        )
+        raise MistralNNXError(f"{path}: tensor '{missing[0]}' is missing{_and_more(missing)}")
     expected = {gguf_name for gguf_name, _, _ in plan}
     extra = sorted(name for name in by_name if name not in expected)
     if extra:
         raise MistralNNXError(
-            f"{path}: unexpected tensor '{extra[0]}' for this config "
-            f"({len(extra)} unexpected in total)"
+            f"{path}: unexpected tensor '{extra[0]}' for this config{_and_more(extra)}"
         )
-    for gguf_name, _, _ in plan:
+    for gguf_name, hf_name, shape in plan:
         tensor = by_name[gguf_name]
+        file_shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
+        if file_shape != shape:
+            raise MistralNNXError(
+                f"{path}: tensor '{gguf_name}' has shape {list(file_shape)}, "
+                f"expected {list(shape)} for {hf_name}"
+            )
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise MistralNNXError(
                 f"{path}: tensor '{gguf_name}' has quantization type {tensor.tensor_type.name}, "
@@ -152,12 +156,7 @@ def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, 
             raise MistralNNXError(f"{path}: tensor '{gguf_name}' is truncated")
 
     for gguf_name, hf_name, shape in plan:
-        array = _dequantize(by_name[gguf_name], path)
-        if array.shape != shape:
-            raise MistralNNXError(
-                f"{path}: tensor '{gguf_name}' has shape {list(array.shape)}, "
-                f"expected {list(shape)} for {hf_name}"
-            )
+        array = _dequantize(by_name[gguf_name], path).reshape(shape)
         if gguf_name.endswith(".attn_q.weight"):
             array = _unpermute_rope_rows(array, config.num_heads)
         elif gguf_name.endswith(".attn_k.weight"):
@@ -238,6 +237,10 @@ class _Metadata:
             )
         # GGUF stores float32: take the shortest decimal that rounds to it (1e-05, not 9.99e-06).
         return float(str(np.float32(value)))
+
+
+def _and_more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def _short(value: Any) -> str:

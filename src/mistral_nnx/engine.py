@@ -1,0 +1,365 @@
+"""Prefill / decode step functions, the on-device decode loop, generate() and stream().
+
+The hot path is `jax.jit` over `nnx.split` state (graphdef static, cache donated). Prompts are
+padded to length buckets and fed in fixed-size chunks, so a new prompt length in the same bucket
+compiles nothing. Decoding runs `decode_steps` tokens per host round trip in a `lax.while_loop`
+that checks EOS ids, stop token sequences and max_new_tokens on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mistral_nnx.cache import KVCache, init_cache
+from mistral_nnx.errors import MistralNNXError
+from mistral_nnx.model import Mistral
+from mistral_nnx.sampling import BatchSampling, SamplingParams, sample
+from mistral_nnx.sharding import Sharder, activation_sharding
+from mistral_nnx.tokenizer import StreamDetokenizer, Tokenizer
+
+FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
+_FINISH_NAMES = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+@dataclasses.dataclass
+class Completion:
+    """One prompt's result: the new token ids (EOS included when generated), the text (with a
+    tokenizer; stop strings cut off), why it ended, and the chosen tokens' logprobs if asked."""
+
+    tokens: list[int]
+    text: str | None
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+@dataclasses.dataclass
+class Delta:
+    """An increment of one sequence, yielded by stream()."""
+
+    index: int
+    tokens: list[int]
+    text: str | None
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    max_seq_len: int | None = None  # default: the model's max_position_embeddings
+    prefill_chunk: int = 512  # prompt tokens per prefill call (chunked prefill)
+    decode_steps: int = 32  # decode steps per host round trip
+    min_bucket: int = 16  # smallest prompt-length bucket
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    token: jax.Array  # [B] last emitted token, fed at the next step
+    position: jax.Array  # [B] position of `token`
+    done: jax.Array  # [B] bool
+    finish: jax.Array  # [B] FINISH_*
+    count: jax.Array  # [B] tokens emitted so far
+    history: jax.Array  # [B, L] the last L emitted tokens (for stop sequences), -1 = none
+    key: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StopRules:
+    eos_ids: jax.Array  # [E]
+    sequences: jax.Array  # [S, L] right-aligned token sequences, -2 = wildcard padding
+    max_new: jax.Array  # [B]
+
+
+# ---- jitted step functions (module level: one compile cache shared by every call) -----------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sharder"), donate_argnames=("cache",))
+def _prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
+                   positions: jax.Array, lengths: jax.Array, last_logits: jax.Array,
+                   sharder: Sharder | None) -> tuple[KVCache, jax.Array]:
+    """Feed one chunk of the (right-padded) prompts; keep the logits of each last prompt token."""
+    with activation_sharding(sharder):
+        model = nnx.merge(graphdef, state)
+        valid = positions < lengths[:, None]
+        last = lengths - 1
+        index = jnp.clip(last - positions[:, 0], 0, tokens.shape[1] - 1)
+        logits, new_cache = model.forward(tokens, positions, valid, cache, logit_index=index)
+        here = (last >= positions[:, 0]) & (last <= positions[:, -1])
+        assert new_cache is not None
+        return new_cache, jnp.where(here[:, None], logits, last_logits)
+
+
+def _finish_check(state: DecodeState, new: jax.Array, rules: StopRules) -> DecodeState:
+    """Update history/count/done after emitting `new` [B] for the rows not yet done."""
+    active = ~state.done
+    history = jnp.where(active[:, None],
+                        jnp.concatenate([state.history[:, 1:], new[:, None]], axis=1),
+                        state.history)
+    count = state.count + active
+    is_eos = jnp.any(new[:, None] == rules.eos_ids[None, :], axis=1)
+    seqs = rules.sequences
+    matches = (seqs[None] == history[:, None]) | (seqs[None] == -2)
+    is_stop_seq = jnp.any(jnp.all(matches, axis=-1), axis=-1) if seqs.shape[0] else False
+    stop = active & (is_eos | is_stop_seq)
+    length = active & ~stop & (count >= rules.max_new)
+    finish = jnp.where(stop, FINISH_STOP, jnp.where(length, FINISH_LENGTH, state.finish))
+    return dataclasses.replace(state, token=jnp.where(active, new, state.token),
+                               done=state.done | stop | length, finish=finish, count=count,
+                               history=history)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _start(logits: jax.Array, state: DecodeState, sampling: BatchSampling,
+           rules: StopRules) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Sample the first new token from the prefill logits."""
+    key, sub = jax.random.split(state.key)
+    token, logprob = sample(logits, sub, sampling)
+    state = _finish_check(dataclasses.replace(state, key=key), token, rules)
+    return state, token[:, None], logprob[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sharder"),
+                   donate_argnames=("cache", "state"))
+def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, state: DecodeState,
+            sampling: BatchSampling, rules: StopRules, steps: int,
+            sharder: Sharder | None) -> tuple[KVCache, DecodeState, jax.Array, jax.Array]:
+    """Up to `steps` decode steps on the device; stops early once every row is done."""
+    b = state.token.shape[0]
+    with activation_sharding(sharder):
+        model = nnx.merge(graphdef, params)
+
+        def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+            i, cache, st, out_tok, out_lp = carry
+            position = st.position + 1
+            logits, cache = model.forward(st.token[:, None], position[:, None],
+                                          ~st.done[:, None], cache,
+                                          logit_index=jnp.zeros((b,), jnp.int32))
+            key, sub = jax.random.split(st.key)
+            token, logprob = sample(logits, sub, sampling)
+            was_active = ~st.done
+            st = _finish_check(dataclasses.replace(st, key=key, position=jnp.where(
+                was_active, position, st.position)), token, rules)
+            out_tok = out_tok.at[:, i].set(jnp.where(was_active, token, -1))
+            out_lp = out_lp.at[:, i].set(logprob)
+            return i + 1, cache, st, out_tok, out_lp
+
+        def cond(carry: tuple[Any, ...]) -> jax.Array:
+            return (carry[0] < steps) & ~jnp.all(carry[2].done)
+
+        out_tok = jnp.full((b, steps), -1, jnp.int32)
+        out_lp = jnp.zeros((b, steps), jnp.float32)
+        _, cache, state, out_tok, out_lp = jax.lax.while_loop(
+            cond, body, (jnp.int32(0), cache, state, out_tok, out_lp))
+    return cache, state, out_tok, out_lp
+
+
+# ---- host side ------------------------------------------------------------------------------
+
+def _bucket(n: int, minimum: int, chunk: int) -> int:
+    """Prompt-length bucket: powers of two up to the chunk size, then multiples of it."""
+    if n > chunk:
+        return -(-n // chunk) * chunk
+    size = minimum
+    while size < n:
+        size *= 2
+    return min(size, chunk)
+
+
+def _model_sharder(model: Mistral) -> Sharder | None:
+    """The mesh and rules the model was loaded with, if any (see load_model(mesh=...))."""
+    return getattr(model, "sharder", None)
+
+
+def _prepare_prompts(prompts: Sequence[str | Sequence[int]],
+                     tokenizer: Tokenizer | None) -> list[list[int]]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise MistralNNXError("prompts must be a non-empty list of strings or token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise MistralNNXError(f"prompts[{i}] is a string but no tokenizer was given")
+            ids = tokenizer.encode(p)
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise MistralNNXError(f"prompts[{i}] is empty")
+        out.append(ids)
+    return out
+
+
+def _stop_rules(stop: Sequence[str | Sequence[int]] | None, tokenizer: Tokenizer | None,
+                eos_ids: Sequence[int], max_new: list[int]) -> tuple[StopRules, list[str]]:
+    """Token-id stop sequences go to the device; stop strings are matched on the host text."""
+    sequences: list[list[int]] = []
+    strings: list[str] = []
+    for s in stop or ():
+        if isinstance(s, str):
+            if tokenizer is None:
+                raise MistralNNXError("stop strings need a tokenizer (or pass token-id lists)")
+            if not s:
+                raise MistralNNXError("stop strings must not be empty")
+            strings.append(s)
+        else:
+            seq = [int(t) for t in s]
+            if not seq:
+                raise MistralNNXError("stop token sequences must not be empty")
+            sequences.append(seq)
+    width = max([len(s) for s in sequences] + [1])
+    table = np.full((len(sequences), width), -2, np.int32)
+    for row, seq in zip(table, sequences, strict=True):
+        row[width - len(seq):] = seq
+    eos = np.asarray(list(eos_ids) or [-3], np.int32)
+    rules = StopRules(jnp.asarray(eos), jnp.asarray(table), jnp.asarray(max_new, jnp.int32))
+    return rules, strings
+
+
+def stream(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
+           tokenizer: Tokenizer | None = None, max_new_tokens: int = 128,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           min_p: float | None = None, seed: int = 0,
+           stop: Sequence[str | Sequence[int]] | None = None, logprobs: bool = False,
+           options: EngineOptions | None = None, stats: dict[str, float] | None = None,
+           ) -> Iterator[Delta]:
+    """Generate for a batch of prompts, yielding each sequence's increments chunk by chunk."""
+    options = options or EngineOptions()
+    sampling_params = SamplingParams(temperature, top_k, top_p, min_p)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise MistralNNXError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    ids = _prepare_prompts(prompts, tokenizer)
+    config = model.config
+    b = len(ids)
+    lengths = [len(p) for p in ids]
+    max_seq = options.max_seq_len or config.max_position_embeddings
+    if max(lengths) + max_new_tokens > max_seq:
+        raise MistralNNXError(
+            f"prompt of {max(lengths)} tokens + max_new_tokens {max_new_tokens} exceeds the "
+            f"cache's max_seq_len {max_seq}")
+    prompt_len = _bucket(max(lengths), options.min_bucket, options.prefill_chunk)
+    cache_len = min(_bucket(prompt_len + max_new_tokens, 64, 1 << 30), max_seq)
+    eos_ids = tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids
+    rules, stop_strings = _stop_rules(stop, tokenizer, eos_ids, [max_new_tokens] * b)
+    sampling = BatchSampling.from_params(sampling_params, b)
+    sharder = _model_sharder(model)
+    graphdef, params = nnx.split(model)
+
+    t0 = time.perf_counter()
+    cache_sharding = None if sharder is None else functools.partial(sharder, strict=False)
+    cache = init_cache(config, b, cache_len, model.dtype, cache_sharding)
+    tokens = np.zeros((b, prompt_len), np.int32)
+    for row, p in enumerate(ids):
+        tokens[row, :len(p)] = p
+    lengths_arr = jnp.asarray(lengths, jnp.int32)
+    chunk = min(prompt_len, options.prefill_chunk)
+    last_logits = jnp.zeros((b, config.vocab_size), jnp.float32)
+    for start in range(0, prompt_len, chunk):
+        if start >= max(lengths):
+            break  # a chunk of pure padding changes nothing
+        pos = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (b, chunk))
+        cache, last_logits = _prefill_chunk(graphdef, params, cache,
+                                            jnp.asarray(tokens[:, start:start + chunk]),
+                                            jnp.asarray(pos), lengths_arr, last_logits, sharder)
+    history_len = max(1, rules.sequences.shape[1])
+    state = DecodeState(
+        token=jnp.zeros((b,), jnp.int32), position=lengths_arr - 1,
+        done=jnp.zeros((b,), bool), finish=jnp.zeros((b,), jnp.int32),
+        count=jnp.zeros((b,), jnp.int32), history=jnp.full((b, history_len), -1, jnp.int32),
+        key=jax.random.key(seed))
+    state, out_tok, out_lp = _start(last_logits, state, sampling, rules)
+    first_token_time = None
+
+    detoks = [StreamDetokenizer(tokenizer) if tokenizer else None for _ in range(b)]
+    texts = ["" for _ in range(b)]
+    finished = [False] * b
+    generated = 0
+    while True:
+        tok_np, lp_np = np.asarray(out_tok), np.asarray(out_lp)
+        done_np, finish_np = np.asarray(state.done), np.asarray(state.finish)
+        if first_token_time is None:
+            first_token_time = time.perf_counter() - t0
+        force_done = []
+        for row in range(b):
+            if finished[row]:
+                continue
+            new = [int(t) for t in tok_np[row] if t >= 0]
+            generated += len(new)
+            lps = [float(x) for x, t in zip(lp_np[row], tok_np[row], strict=True) if t >= 0]
+            reason = _FINISH_NAMES.get(int(finish_np[row])) if done_np[row] else None
+            text = None
+            detok = detoks[row]
+            if detok is not None:
+                text = detok.add(new) + (detok.flush() if reason else "")
+                cut = _find_stop(texts[row] + text, stop_strings, len(texts[row]))
+                if cut is not None:
+                    text = (texts[row] + text)[:cut][len(texts[row]):]
+                    reason = "stop"
+                    force_done.append(row)
+                texts[row] += text
+            if reason:
+                finished[row] = True
+            if new or reason:
+                yield Delta(row, new, text, lps if logprobs else None, reason)
+        if all(finished):
+            break
+        if force_done:
+            mask = np.zeros(b, bool)
+            mask[force_done] = True
+            state = dataclasses.replace(state, done=state.done | jnp.asarray(mask),
+                                        finish=jnp.where(jnp.asarray(mask), FINISH_STOP,
+                                                         state.finish))
+        cache, state, out_tok, out_lp = _decode(graphdef, params, cache, state, sampling, rules,
+                                                options.decode_steps, sharder)
+    if stats is not None:
+        elapsed = time.perf_counter() - t0
+        stats.update(seconds=elapsed, tokens=generated, first_token_seconds=first_token_time or 0.0,
+                     tokens_per_second=generated / elapsed if elapsed > 0 else 0.0)
+
+
+def _find_stop(text: str, stop_strings: list[str], new_from: int) -> int | None:
+    """Index where the earliest stop string begins, searching only where new text could match."""
+    best = None
+    for s in stop_strings:
+        i = text.find(s, max(0, new_from - len(s) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+def generate(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
+             tokenizer: Tokenizer | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, seed: int = 0,
+             stop: Sequence[str | Sequence[int]] | None = None, logprobs: bool = False,
+             options: EngineOptions | None = None,
+             stats: dict[str, float] | None = None) -> list[Completion]:
+    """One Completion per prompt, in order. See stream() for the arguments."""
+    results = [Completion([], "" if tokenizer else None, "length", [] if logprobs else None)
+               for _ in prompts]
+    for delta in stream(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        seed=seed, stop=stop, logprobs=logprobs, options=options, stats=stats):
+        result = results[delta.index]
+        result.tokens.extend(delta.tokens)
+        if delta.text is not None and result.text is not None:
+            result.text += delta.text
+        if delta.logprobs is not None and result.logprobs is not None:
+            result.logprobs.extend(delta.logprobs)
+        if delta.finish_reason:
+            result.finish_reason = delta.finish_reason
+    return results
+
+
+def print_stats(stats: dict[str, float]) -> None:
+    print(f"[{stats['tokens']:.0f} tokens in {stats['seconds']:.2f} s, "
+          f"{stats['tokens_per_second']:.1f} tokens/s, first token after "
+          f"{stats['first_token_seconds']:.2f} s]", file=sys.stderr)

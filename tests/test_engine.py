@@ -1,0 +1,181 @@
+"""KV cache, chunked prefill, on-device decode loop and generate() against transformers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import mistral_nnx as mn
+from mistral_nnx import engine
+from mistral_nnx.cache import init_cache
+from mistral_nnx.engine import EngineOptions, generate, stream
+from mistral_nnx.errors import MistralNNXError
+
+
+@pytest.fixture(scope="module")
+def window16(hf_checkpoints):
+    directory, hf_model = hf_checkpoints["gqa_window16"]
+    return mn.load_model(directory, progress=False), hf_model
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.RandomState(seed).randint(3, 211, n).tolist()
+
+
+def _hf_full_logits(hf_model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("name", ["gqa_window16", "interleaved"])
+def test_prefill_then_decode_equals_full_forward(hf_checkpoints, name):
+    """4-token prefill, then 96 single-token steps: every step's logits match a full forward,
+    far past the window (16 / 8), so the ring buffers wrap many times."""
+    directory, hf_model = hf_checkpoints[name]
+    model = mn.load_model(directory, progress=False)
+    ids = _ids(100, 5)
+    reference = _hf_full_logits(hf_model, ids)
+    cache = init_cache(model.config, 1, 128)
+    ring = [layer.ring for layer in cache.layers]
+    windows = model.config.layer_windows
+    assert [layer.capacity for layer in cache.layers] == [w or 128 for w in windows]
+    assert ring == [w is not None for w in windows]
+    step = jax.jit(lambda tok, pos, cache: model.forward(tok, pos, None, cache))
+    tokens = jnp.asarray([ids[:4]], jnp.int32)
+    logits, cache = step(tokens, jnp.arange(4, dtype=jnp.int32)[None], cache)
+    got = [np.asarray(logits[0])]
+    for i in range(4, 100):
+        logits, cache = step(jnp.asarray([[ids[i]]], jnp.int32),
+                             jnp.asarray([[i]], jnp.int32), cache)
+        got.append(np.asarray(logits[0]))
+    assert np.abs(np.concatenate(got) - reference).max() < 1e-4
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 5])
+def test_chunked_prefill_equals_one_shot(hf_checkpoints, chunk):
+    directory, hf_model = hf_checkpoints["interleaved"]
+    model = mn.load_model(directory, progress=False)
+    ids = _ids(45, 6)
+    reference = _hf_full_logits(hf_model, ids)
+    cache = init_cache(model.config, 1, 64)
+    got = []
+    for start in range(0, 45, chunk):
+        piece = ids[start:start + chunk]
+        pos = jnp.arange(start, start + len(piece), dtype=jnp.int32)[None]
+        logits, cache = model.forward(jnp.asarray([piece], jnp.int32), pos, None, cache)
+        got.append(np.asarray(logits[0]))
+    assert np.abs(np.concatenate(got) - reference).max() < 1e-4
+
+
+def test_greedy_matches_transformers_generate(window16):
+    model, hf_model = window16
+    prompt = _ids(24, 1)
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=80, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, 24:].tolist()
+    for options in (EngineOptions(), EngineOptions(prefill_chunk=8, decode_steps=5)):
+        out = generate(model, [prompt], max_new_tokens=80, options=options)[0]
+        assert out.tokens == ref
+        assert out.finish_reason == "length"
+
+
+def test_batch_invariance_ragged(window16):
+    model, _ = window16
+    prompts = [_ids(n, 10 + n) for n in (3, 17, 30, 9)]
+    batched = generate(model, prompts, max_new_tokens=40)
+    for prompt, result in zip(prompts, batched, strict=True):
+        alone = generate(model, [prompt], max_new_tokens=40)[0]
+        assert alone.tokens == result.tokens
+
+
+def test_same_bucket_compiles_nothing(window16):
+    model, _ = window16
+    generate(model, [_ids(20, 1)], max_new_tokens=4)
+    prefill = engine._prefill_chunk._cache_size()
+    decode = engine._decode._cache_size()
+    generate(model, [_ids(25, 2)], max_new_tokens=4)
+    generate(model, [_ids(31, 3)], max_new_tokens=4, temperature=0.7, top_k=5, seed=3)
+    assert engine._prefill_chunk._cache_size() == prefill
+    assert engine._decode._cache_size() == decode
+
+
+def test_eos_and_stop_sequences_end_on_device(window16):
+    model, _ = window16
+    prompt = _ids(24, 1)
+    free = generate(model, [prompt], max_new_tokens=30)[0].tokens
+    eos = free[5]
+    model.config = model.config.replace(eos_token_ids=(eos,))
+    try:
+        out = generate(model, [prompt], max_new_tokens=30)[0]
+    finally:
+        model.config = model.config.replace(eos_token_ids=(2,))
+    assert out.tokens == free[: free.index(eos) + 1]
+    assert out.finish_reason == "stop"
+    stop_seq = free[10:12]
+    out = generate(model, [prompt], max_new_tokens=30, stop=[stop_seq])[0]
+    first = next(i for i in range(len(free) - 1) if free[i:i + 2] == stop_seq)
+    assert out.tokens == free[: first + 2] and out.finish_reason == "stop"
+
+
+def test_sampling_through_generate(window16):
+    model, _ = window16
+    prompts = [_ids(12, 4), _ids(7, 5)]
+    greedy = generate(model, prompts, max_new_tokens=20)
+    top1 = generate(model, prompts, max_new_tokens=20, temperature=0.9, top_k=1, seed=7)
+    assert [g.tokens for g in greedy] == [t.tokens for t in top1]
+    a = generate(model, prompts, max_new_tokens=20, temperature=1.5, seed=11)
+    b = generate(model, prompts, max_new_tokens=20, temperature=1.5, seed=11)
+    c = generate(model, prompts, max_new_tokens=20, temperature=1.5, seed=12)
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def test_logprobs_are_the_model_distribution(window16):
+    model, hf_model = window16
+    prompt = _ids(10, 8)
+    out = generate(model, [prompt], max_new_tokens=6, logprobs=True, temperature=1.0, seed=1)[0]
+    full = _hf_full_logits(hf_model, prompt + out.tokens)
+    logp = torch.log_softmax(torch.tensor(full), -1).numpy()
+    expected = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(out.tokens)]
+    assert out.logprobs is not None
+    assert np.abs(np.asarray(out.logprobs) - expected).max() < 1e-4
+
+
+def test_stream_yields_increments(window16):
+    model, _ = window16
+    prompts = [_ids(5, 1), _ids(9, 2)]
+    options = EngineOptions(decode_steps=4)
+    whole = generate(model, prompts, max_new_tokens=13, options=options)
+    pieces: dict[int, list[int]] = {0: [], 1: []}
+    events = 0
+    for delta in stream(model, prompts, max_new_tokens=13, options=options):
+        pieces[delta.index].extend(delta.tokens)
+        events += 1
+    assert events >= 8  # 1 + 12 tokens in chunks of 4 for two rows
+    assert [pieces[0], pieces[1]] == [w.tokens for w in whole]
+
+
+def test_capacity_errors(window16):
+    model, _ = window16
+    with pytest.raises(MistralNNXError, match="exceeds the cache's max_seq_len 64"):
+        generate(model, [_ids(40, 1)], max_new_tokens=30,
+                 options=EngineOptions(max_seq_len=64))
+    with pytest.raises(MistralNNXError, match="max_new_tokens"):
+        generate(model, [_ids(4, 1)], max_new_tokens=0)
+    with pytest.raises(MistralNNXError, match="top_p"):
+        generate(model, [_ids(4, 1)], max_new_tokens=3, top_p=1.5)
+    with pytest.raises(MistralNNXError, match="prompts"):
+        generate(model, [], max_new_tokens=3)
+    with pytest.raises(MistralNNXError, match="tokenizer"):
+        generate(model, ["hello"], max_new_tokens=3)
+
+
+def test_ring_memory_stops_at_window(window16):
+    model, _ = window16
+    small = init_cache(model.config, 2, 256)
+    large = init_cache(model.config, 2, 4096)
+    assert small.nbytes() == large.nbytes()  # every layer is a window-16 ring
+    assert small.layers[0].k.shape == (2, 16, 2, 16)
