@@ -177,7 +177,7 @@ def _bucket(n: int, minimum: int, chunk: int) -> int:
 
 def _model_sharder(model: Mistral) -> Sharder | None:
     """The mesh and rules the model was loaded with, if any (see load_model(mesh=...))."""
-    return getattr(model, "sharder", None)
+    return model.sharder
 
 
 def _prepare_prompts(prompts: Sequence[str | Sequence[int]],

@@ -17,7 +17,7 @@ from flax import nnx
 
 from mistral_nnx.cache import KVCache, LayerKV
 from mistral_nnx.config import MistralConfig
-from mistral_nnx.sharding import constrain
+from mistral_nnx.sharding import Sharder, constrain
 
 Dtype = Any
 
@@ -181,6 +181,7 @@ class Mistral(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
+        self.sharder: Sharder | None = None  # set by load_model(mesh=...); used by the engine
         d = config.hidden_size
         self.embed = _param(rngs, (config.vocab_size, d), ("vocab", "embed"), param_dtype, 1)
         self.layers = nnx.List([

@@ -97,7 +97,8 @@ def load_model(source: str | os.PathLike[str], *, dtype: Any = jnp.float32,
     if fmt == "orbax":
         from mistral_nnx.checkpoint.orbax_io import load_orbax
 
-        return load_orbax(path, dtype=dtype, param_dtype=param_dtype, sharder=sharder)
+        return attach_sharder(
+            load_orbax(path, dtype=dtype, param_dtype=param_dtype, sharder=sharder), sharder)
     if fmt == "gguf":
         from mistral_nnx.checkpoint.gguf import iter_gguf_tensors, read_gguf_config
 
@@ -118,7 +119,16 @@ def load_model(source: str | os.PathLike[str], *, dtype: Any = jnp.float32,
         for f in files:  # check every header before placing anything
             read_header(f)
     model = abstract_model(config, dtype, param_dtype)
-    return place_tensors(model, tensors, config, param_dtype, sharder, str(path), progress)
+    model = place_tensors(model, tensors, config, param_dtype, sharder, str(path), progress)
+    return attach_sharder(model, sharder)
+
+
+def attach_sharder(model: Mistral, sharder: Sharder | None) -> Mistral:
+    """Remember the mesh + rules on the model, so generate() shards its cache and activations
+    the same way (a static attribute: it travels in the graphdef, not in the state)."""
+    if sharder is not None:
+        model.sharder = sharder
+    return model
 
 
 def abstract_model(config: MistralConfig, dtype: Any, param_dtype: Any) -> Mistral:
