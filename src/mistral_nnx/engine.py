@@ -24,7 +24,7 @@ from mistral_nnx.cache import KVCache, init_cache
 from mistral_nnx.errors import MistralNNXError
 from mistral_nnx.model import Mistral
 from mistral_nnx.sampling import BatchSampling, SamplingParams, sample
-from mistral_nnx.sharding import Sharder, activation_sharding
+from mistral_nnx.sharding import Sharder, activation_sharding, host_local_array, replicate
 from mistral_nnx.tokenizer import StreamDetokenizer, Tokenizer
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
@@ -160,6 +160,10 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, state: De
         out_lp = jnp.zeros((b, steps), jnp.float32)
         _, cache, state, out_tok, out_lp = jax.lax.while_loop(
             cond, body, (jnp.int32(0), cache, state, out_tok, out_lp))
+        # What the host reads comes back replicated: every process can read it (multi-host).
+        out_tok, out_lp = replicate(out_tok), replicate(out_lp)
+        state = dataclasses.replace(state, done=replicate(state.done),
+                                    finish=replicate(state.finish))
     return cache, state, out_tok, out_lp
 
 
@@ -283,8 +287,8 @@ def stream(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
     finished = [False] * b
     generated = 0
     while True:
-        tok_np, lp_np = np.asarray(out_tok), np.asarray(out_lp)
-        done_np, finish_np = np.asarray(state.done), np.asarray(state.finish)
+        tok_np, lp_np = host_local_array(out_tok), host_local_array(out_lp)
+        done_np, finish_np = host_local_array(state.done), host_local_array(state.finish)
         if first_token_time is None:
             first_token_time = time.perf_counter() - t0
         force_done = []

@@ -163,6 +163,21 @@ class HFTokenizer:
         text = self.render_chat(messages)
         return list(self._backend.encode(text, add_special_tokens=False).ids)
 
+    def save(self, directory: Path) -> list[Path]:
+        """Write tokenizer.json + tokenizer_config.json (special tokens, chat template), the
+        files `load_tokenizer(directory)` reads back; used to carry a GGUF's tokenizer into a
+        converted checkpoint."""
+        tokenizer_file = directory / "tokenizer.json"
+        self._backend.save(str(tokenizer_file))
+        config: dict[str, Any] = dict(self._special_tokens)
+        if self._chat_template is not None:
+            config["chat_template"] = self._chat_template
+        config_file = directory / "tokenizer_config.json"
+        config_file.write_text(json.dumps(config, indent=1), encoding="utf-8")
+        generation_file = directory / "generation_config.json"
+        generation_file.write_text(json.dumps({"eos_token_id": list(self.eos_ids)}))
+        return [tokenizer_file, config_file, generation_file]
+
 
 def _compile_chat_template(template: str, source: str) -> Any:
     """A jinja2 template compiled in the sandbox transformers uses for chat templates."""

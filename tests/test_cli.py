@@ -1,0 +1,80 @@
+"""End to end through the console script, on the embedded SmolLM2 model, plus bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mistral_nnx as mn
+from mistral_nnx.cli import main
+
+ENV = {**os.environ, "MISTRAL_NNX_NO_COMPILE_CACHE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _run(*args: str, stdin: str | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "mistral_nnx.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def test_generate_on_embedded_model():
+    result = _run("generate", "--chat", "--max-new-tokens", "24",
+                  "What is the capital of France?")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "tokens/s" in result.stderr
+
+
+def test_chat_keeps_turns_and_resets():
+    script = "My name is Ada.\nWhat is my name?\n/reset\nHello!\n"
+    result = _run("chat", "--max-new-tokens", "16", stdin=script)
+    assert result.returncode == 0, result.stderr  # Ctrl-D (end of input) exits cleanly
+    assert "Ada" in result.stdout
+    assert "[history cleared]" in result.stderr
+    assert result.stderr.count("tokens/s") == 3
+
+
+def test_convert_then_generate(hf_checkpoints, tmp_path):
+    directory, _ = hf_checkpoints["gqa_window16"]
+    assert main(["convert", str(directory), str(tmp_path / "orbax")]) == 0
+    original = mn.load_model(directory, progress=False)
+    converted = mn.load_model(tmp_path / "orbax", progress=False)
+    ids = [[5, 6, 7, 8]]
+    assert (mn.generate(original, ids, max_new_tokens=8)[0].tokens
+            == mn.generate(converted, ids, max_new_tokens=8)[0].tokens)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "/no/such/model", "hi"], "model path '/no/such/model' does not exist"),
+    (["generate", "--temperature", "-1", "hi"], "temperature must be >= 0"),
+    (["generate", "--top-p", "1.5", "hi"], "top_p must be in (0, 1]"),
+    (["generate", "--top-k", "-3", "hi"], "top_k must be >= 0"),
+    (["generate", "--min-p", "1", "hi"], "min_p must be in [0, 1)"),
+    (["generate", "--max-new-tokens", "0", "hi"], "must be at least 1"),
+    (["generate", "--max-seq-len", "8", "a long prompt " * 10], "exceeds the cache's max_seq_len"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unknown_format_via_subprocess(tmp_path):
+    (tmp_path / "weights.npz").write_bytes(b"nope")
+    result = _run("generate", "--model", str(tmp_path / "weights.npz"), "hi")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("unknown model format (expected a directory or a .gguf)")
+    assert "Traceback" not in result.stderr
+
+
+def test_convert_refuses_existing_destination(hf_checkpoints, tmp_path, capsys):
+    directory, _ = hf_checkpoints["llama"]
+    (tmp_path / "taken").mkdir()
+    assert main(["convert", str(directory), str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert list(Path(tmp_path / "taken").iterdir()) == []

@@ -1,0 +1,61 @@
+"""The real model: SmolLM2-135M-Instruct GGUF, this project vs transformers on the same file."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import mistral_nnx as mn
+from mistral_nnx.engine import generate
+from mistral_nnx.tokenizer import load_tokenizer
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_path):
+    return mn.load_model(smollm2_path, progress=False), load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2_path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, local_files_only=True)
+
+
+def test_chat_prompt_ids_identical(ours, hf_tokenizer):
+    _, tokenizer = ours
+    ref = hf_tokenizer.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
+    ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+    assert tokenizer.encode_chat(MESSAGES) == list(ref)
+
+
+def test_logits_agree_on_chat_prompt(ours, smollm2_hf):
+    model, tokenizer = ours
+    ids = tokenizer.encode_chat(MESSAGES)
+    with torch.no_grad():
+        ref = smollm2_hf(torch.tensor([ids])).logits[0].numpy()
+    out = np.asarray(model(jnp.asarray([ids], jnp.int32)))[0]
+    assert np.abs(out - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_greedy_32_tokens_identical(ours, smollm2_hf):
+    model, tokenizer = ours
+    ids = tokenizer.encode_chat(MESSAGES)
+    with torch.no_grad():
+        ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    # Ignore EOS so both run the full 32 steps.
+    model_eos = model.config.eos_token_ids
+    model.config = model.config.replace(eos_token_ids=())
+    try:
+        out = generate(model, [ids], max_new_tokens=32)[0]
+    finally:
+        model.config = model.config.replace(eos_token_ids=model_eos)
+    assert out.tokens == ref
+    assert "Paris" in tokenizer.decode(out.tokens)
