@@ -179,3 +179,21 @@ def test_ring_memory_stops_at_window(window16):
     large = init_cache(model.config, 2, 4096)
     assert small.nbytes() == large.nbytes()  # every layer is a window-16 ring
     assert small.layers[0].k.shape == (2, 16, 2, 16)
+
+
+def test_cache_is_donated_to_the_step_functions(window16):
+    """The decode step reuses the cache buffers in place: the caller's copy is consumed."""
+    from flax import nnx
+
+    model, _ = window16
+    graphdef, params = nnx.split(model)
+    cache = init_cache(model.config, 1, 64)
+    before = cache.layers[0].k
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    positions = jnp.arange(16, dtype=jnp.int32)[None]
+    lengths = jnp.asarray([16], jnp.int32)
+    logits = jnp.zeros((1, model.config.vocab_size), jnp.float32)
+    new_cache, _ = engine._prefill_chunk(graphdef, params, cache, tokens, positions, lengths,
+                                         logits, None)
+    assert before.is_deleted()
+    assert not new_cache.layers[0].k.is_deleted()

@@ -90,7 +90,8 @@ def load_model(source: str | os.PathLike[str], *, dtype: Any = jnp.float32,
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With a
     `mesh`, every tensor goes straight into its shards under `rules` (a preset name or mapping).
     """
-    param_dtype = dtype if param_dtype is None else param_dtype
+    dtype = jnp.dtype(dtype)
+    param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype)
     path = resolve_source(source)
     fmt = detect_format(path)
     sharder = Sharder(mesh, rules) if mesh is not None else None
