@@ -78,3 +78,20 @@ def test_convert_refuses_existing_destination(hf_checkpoints, tmp_path, capsys):
     assert main(["convert", str(directory), str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert list(Path(tmp_path / "taken").iterdir()) == []
+
+
+def test_generate_on_a_mesh():
+    """The CLI on 6 fake CPU devices, SmolLM2 split over model=3 (9 q heads, 3 kv heads)."""
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=6"}
+    args = ["generate", "--mesh", "data=2,model=3", "--chat", "--max-new-tokens", "24",
+            "What is the capital of France?"]
+    single = _run("generate", *args[3:])
+    result = subprocess.run([sys.executable, "-m", "mistral_nnx.cli", *args],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == single.stdout and "Paris" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "mistral_nnx.cli", "generate", "--mesh",
+                          "data=2,model=4", "hi"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "needs 8 devices" not in bad.stderr
+    assert "6 are available" in bad.stderr and "Traceback" not in bad.stderr

@@ -65,7 +65,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"],
                    help="parameter storage dtype (default: --dtype)")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,model=4 (default: one device)")
-    p.add_argument("--rules", default="tp+fsdp", help="sharding preset: tp, fsdp, tp+fsdp")
+    p.add_argument("--rules", default="tp",
+                   help="sharding preset (tp, fsdp, tp+fsdp, replicated) or custom rules, "
+                   "e.g. q_heads=model,kv_heads=model,mlp=model,vocab=model,batch=data")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=_positive_int, help="multi-host: process count")
     p.add_argument("--process-id", type=int, help="multi-host: this process's id")
@@ -121,11 +123,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from mistral_nnx.tokenizer import load_tokenizer
 
     enable_compilation_cache(not args.no_compile_cache)
-    mesh = None
-    if args.coordinator or args.num_processes or args.process_id is not None:
-        from mistral_nnx.distributed import setup_distributed
+    from mistral_nnx.distributed import setup_distributed
 
-        setup_distributed(args.coordinator, args.num_processes, args.process_id)
+    # Flags, JAX_* env vars or a SLURM / Open MPI launch; nothing for a single process.
+    setup_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = None
     if args.mesh:
         from mistral_nnx.sharding import make_mesh, resolve_rules
 
@@ -233,6 +235,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leave_if_multiprocess(code: int) -> None:
+    """In a multi-process run, exit now: a normal exit would wait at jax's shutdown barrier for
+    peers that may be stuck waiting for this process."""
+    if "jax" in sys.modules:
+        import jax
+
+        if jax.process_count() > 1:
+            from mistral_nnx.distributed import exit_process
+
+            exit_process(code)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert}
 
 
@@ -242,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MistralNNXError as e:
         print(f"mistral-nnx: error: {e}", file=sys.stderr)
+        _leave_if_multiprocess(2)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -39,9 +39,14 @@ def _cluster_detected() -> bool:
     """A multi-process launcher that jax can read on its own: SLURM (srun), Open MPI (mpirun) or
     a multi-host Cloud TPU slice."""
     env = os.environ
-    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+
+    def count(name: str) -> int:
+        text = env.get(name, "1").strip()
+        return int(text) if text.isdigit() else 1
+
+    if "SLURM_JOB_ID" in env and count("SLURM_NTASKS") > 1:
         return True
-    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    if "OMPI_MCA_orte_hnp_uri" in env and count("OMPI_COMM_WORLD_SIZE") > 1:
         return True
     return "," in env.get("TPU_WORKER_HOSTNAMES", "")
 

@@ -88,10 +88,12 @@ def parse_rules(text: str) -> dict[str, str | None]:
 
 
 def resolve_rules(rules: str | Rules | None, mesh: Mesh) -> dict[str, str | None]:
-    """A preset name, rules text or a mapping {logical axis: mesh axis or None}; every logical
-    and mesh axis named must exist. Logical axes not named are replicated."""
+    """A preset name, rules text or a mapping {logical axis: mesh axis or None}; logical axes
+    not named are replicated. A preset adapts to the mesh (its axes missing from the mesh are
+    replicated: "tp" on a mesh "model=8"); custom rules must name existing axes only."""
     if rules is None:
-        rules = "tp+fsdp"
+        rules = "tp"  # the fastest for inference; "tp+fsdp" when memory is tighter
+    preset = isinstance(rules, str) and rules in PRESETS
     if isinstance(rules, str):
         rules = parse_rules(rules)
     out: dict[str, str | None] = {}
@@ -103,9 +105,13 @@ def resolve_rules(rules: str | Rules | None, mesh: Mesh) -> dict[str, str | None
         if logical == "head_dim" and axis is not None:
             raise MistralNNXError("rules: head_dim is never sharded")
         if axis is not None and axis not in mesh.axis_names:
-            raise MistralNNXError(
-                f"rules: mesh axis {axis!r} (for {logical!r}) is not in the mesh {dict(mesh.shape)}"
-            )
+            if preset:
+                axis = None
+            else:
+                raise MistralNNXError(
+                    f"rules: mesh axis {axis!r} (for {logical!r}) is not in the mesh "
+                    f"{dict(mesh.shape)}"
+                )
         out[logical] = axis
     return out
 

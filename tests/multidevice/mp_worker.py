@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--fail", action="store_true", help="raise right after joining")
+    parser.add_argument("--fail", choices=["before-join", "after-join"], help="raise early")
     parser.add_argument("--timeout", type=int, default=20, help="jax.distributed timeouts (s)")
     args = parser.parse_args()
 
@@ -33,6 +33,8 @@ def main() -> None:
     from mistral_nnx.distributed import setup_distributed
     from mistral_nnx.engine import EngineOptions, generate
 
+    if args.fail == "before-join":
+        raise RuntimeError(f"injected failure in process {args.process_id} before joining")
     setup_distributed(
         args.coordinator,
         args.num_processes,
@@ -41,8 +43,8 @@ def main() -> None:
         heartbeat_timeout=args.timeout,
         shutdown_timeout=args.timeout,
     )
-    if args.fail:
-        raise RuntimeError(f"injected failure in process {args.process_id}")
+    if args.fail == "after-join":
+        raise RuntimeError(f"injected failure in process {args.process_id} after joining")
     mesh = mn.make_mesh(args.mesh)
     model = mn.load_model(args.checkpoint, mesh=mesh, rules=args.rules, progress=False)
     shard = model.embed.get_value().addressable_shards[0].data.shape
@@ -50,7 +52,7 @@ def main() -> None:
         model,
         json.loads(args.prompts),
         max_new_tokens=args.max_new_tokens,
-        options=EngineOptions(decode_steps=4),
+        options=EngineOptions(decode_steps=4, prefill_chunk=16),  # as run_checks.py
     )
     result = dict(
         process_index=jax.process_index(),

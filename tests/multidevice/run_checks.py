@@ -53,7 +53,9 @@ def forward(model: mn.Mistral, tokens: np.ndarray, valid: np.ndarray) -> np.ndar
 
 
 def spec_of(array: jax.Array) -> list[Any]:
-    return list(array.sharding.spec)
+    sharding = array.sharding
+    assert isinstance(sharding, jax.sharding.NamedSharding)
+    return list(sharding.spec)
 
 
 def shard_report(model: mn.Mistral, mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def shard_report(model: mn.Mistral, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()
-        n = math.prod(mesh.shape[a] for a in value.sharding.spec if a is not None)
+        n = math.prod(mesh.shape[a] for a in spec_of(value) if a is not None)
         shards = value.addressable_shards
         out[".".join(map(str, path))] = dict(
             spec=spec_of(value),
