@@ -27,10 +27,18 @@ def build_hf(kind: str, directory: Path, seed: int = 0, **overrides: Any) -> Any
     import torch
     import transformers as tf
 
-    base: dict[str, Any] = dict(vocab_size=211, hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=3, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=512,
-                                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    base: dict[str, Any] = dict(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base.update(overrides)
     torch.manual_seed(seed)
     if kind == "mistral":
@@ -56,10 +64,20 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mha_nowindow": ("mistral", dict(num_key_value_heads=4, sliding_window=None)),
     "head_dim": ("mistral", dict(head_dim=24, sliding_window=None)),
     "tied": ("mistral", dict(tie_word_embeddings=True, sliding_window=32)),
-    "interleaved": ("ministral", dict(
-        num_hidden_layers=4, sliding_window=8, head_dim=16,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                     "sliding_attention"])),
+    "interleaved": (
+        "ministral",
+        dict(
+            num_hidden_layers=4,
+            sliding_window=8,
+            head_dim=16,
+            layer_types=[
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+            ],
+        ),
+    ),
     "llama": ("llama", dict()),
 }
 
@@ -89,5 +107,6 @@ def smollm2_hf(smollm2_path: Path) -> Any:
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32)
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    )
     return model.eval()

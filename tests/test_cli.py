@@ -16,13 +16,18 @@ ENV = {**os.environ, "MISTRAL_NNX_NO_COMPILE_CACHE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _run(*args: str, stdin: str | None = None, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", "mistral_nnx.cli", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "mistral_nnx.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
 
 
 def test_generate_on_embedded_model():
-    result = _run("generate", "--chat", "--max-new-tokens", "24",
-                  "What is the capital of France?")
+    result = _run("generate", "--chat", "--max-new-tokens", "24", "What is the capital of France?")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "tokens/s" in result.stderr
@@ -43,20 +48,31 @@ def test_convert_then_generate(hf_checkpoints, tmp_path):
     original = mn.load_model(directory, progress=False)
     converted = mn.load_model(tmp_path / "orbax", progress=False)
     ids = [[5, 6, 7, 8]]
-    assert (mn.generate(original, ids, max_new_tokens=8)[0].tokens
-            == mn.generate(converted, ids, max_new_tokens=8)[0].tokens)
+    assert (
+        mn.generate(original, ids, max_new_tokens=8)[0].tokens
+        == mn.generate(converted, ids, max_new_tokens=8)[0].tokens
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["generate", "--model", "/no/such/model", "hi"], "model path '/no/such/model' does not exist"),
-    (["generate", "--temperature", "-1", "hi"], "temperature must be >= 0"),
-    (["generate", "--top-p", "1.5", "hi"], "top_p must be in (0, 1]"),
-    (["generate", "--top-k", "-3", "hi"], "top_k must be >= 0"),
-    (["generate", "--min-p", "1", "hi"], "min_p must be in [0, 1)"),
-    (["generate", "--max-new-tokens", "0", "hi"], "must be at least 1"),
-    (["generate", "--max-seq-len", "8", "a long prompt " * 10], "exceeds the cache's max_seq_len"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["generate", "--model", "/no/such/model", "hi"],
+            "model path '/no/such/model' does not exist",
+        ),
+        (["generate", "--temperature", "-1", "hi"], "temperature must be >= 0"),
+        (["generate", "--top-p", "1.5", "hi"], "top_p must be in (0, 1]"),
+        (["generate", "--top-k", "-3", "hi"], "top_k must be >= 0"),
+        (["generate", "--min-p", "1", "hi"], "min_p must be in [0, 1)"),
+        (["generate", "--max-new-tokens", "0", "hi"], "must be at least 1"),
+        (
+            ["generate", "--max-seq-len", "8", "a long prompt " * 10],
+            "exceeds the cache's max_seq_len",
+        ),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_input_is_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -83,15 +99,31 @@ def test_convert_refuses_existing_destination(hf_checkpoints, tmp_path, capsys):
 def test_generate_on_a_mesh():
     """The CLI on 6 fake CPU devices, SmolLM2 split over model=3 (9 q heads, 3 kv heads)."""
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=6"}
-    args = ["generate", "--mesh", "data=2,model=3", "--chat", "--max-new-tokens", "24",
-            "What is the capital of France?"]
+    args = [
+        "generate",
+        "--mesh",
+        "data=2,model=3",
+        "--chat",
+        "--max-new-tokens",
+        "24",
+        "What is the capital of France?",
+    ]
     single = _run("generate", *args[3:])
-    result = subprocess.run([sys.executable, "-m", "mistral_nnx.cli", *args],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "mistral_nnx.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == single.stdout and "Paris" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "mistral_nnx.cli", "generate", "--mesh",
-                          "data=2,model=4", "hi"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mistral_nnx.cli", "generate", "--mesh", "data=2,model=4", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert bad.returncode == 2 and "needs 8 devices" not in bad.stderr
     assert "6 are available" in bad.stderr and "Traceback" not in bad.stderr

@@ -48,8 +48,9 @@ def test_prefill_then_decode_equals_full_forward(hf_checkpoints, name):
     logits, cache = step(tokens, jnp.arange(4, dtype=jnp.int32)[None], cache)
     got = [np.asarray(logits[0])]
     for i in range(4, 100):
-        logits, cache = step(jnp.asarray([[ids[i]]], jnp.int32),
-                             jnp.asarray([[i]], jnp.int32), cache)
+        logits, cache = step(
+            jnp.asarray([[ids[i]]], jnp.int32), jnp.asarray([[i]], jnp.int32), cache
+        )
         got.append(np.asarray(logits[0]))
     assert np.abs(np.concatenate(got) - reference).max() < 1e-4
 
@@ -63,7 +64,7 @@ def test_chunked_prefill_equals_one_shot(hf_checkpoints, chunk):
     cache = init_cache(model.config, 1, 64)
     got = []
     for start in range(0, 45, chunk):
-        piece = ids[start:start + chunk]
+        piece = ids[start : start + chunk]
         pos = jnp.arange(start, start + len(piece), dtype=jnp.int32)[None]
         logits, cache = model.forward(jnp.asarray([piece], jnp.int32), pos, None, cache)
         got.append(np.asarray(logits[0]))
@@ -74,8 +75,13 @@ def test_greedy_matches_transformers_generate(window16):
     model, hf_model = window16
     prompt = _ids(24, 1)
     with torch.no_grad():
-        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=80, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[0, 24:].tolist()
+        ref = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=80,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, 24:].tolist()
     for options in (EngineOptions(), EngineOptions(prefill_chunk=8, decode_steps=5)):
         out = generate(model, [prompt], max_new_tokens=80, options=options)[0]
         assert out.tokens == ref
@@ -116,7 +122,7 @@ def test_eos_and_stop_sequences_end_on_device(window16):
     assert out.finish_reason == "stop"
     stop_seq = free[10:12]
     out = generate(model, [prompt], max_new_tokens=30, stop=[stop_seq])[0]
-    first = next(i for i in range(len(free) - 1) if free[i:i + 2] == stop_seq)
+    first = next(i for i in range(len(free) - 1) if free[i : i + 2] == stop_seq)
     assert out.tokens == free[: first + 2] and out.finish_reason == "stop"
 
 
@@ -161,8 +167,7 @@ def test_stream_yields_increments(window16):
 def test_capacity_errors(window16):
     model, _ = window16
     with pytest.raises(MistralNNXError, match="exceeds the cache's max_seq_len 64"):
-        generate(model, [_ids(40, 1)], max_new_tokens=30,
-                 options=EngineOptions(max_seq_len=64))
+        generate(model, [_ids(40, 1)], max_new_tokens=30, options=EngineOptions(max_seq_len=64))
     with pytest.raises(MistralNNXError, match="max_new_tokens"):
         generate(model, [_ids(4, 1)], max_new_tokens=0)
     with pytest.raises(MistralNNXError, match="top_p"):
@@ -193,7 +198,8 @@ def test_cache_is_donated_to_the_step_functions(window16):
     positions = jnp.arange(16, dtype=jnp.int32)[None]
     lengths = jnp.asarray([16], jnp.int32)
     logits = jnp.zeros((1, model.config.vocab_size), jnp.float32)
-    new_cache, _ = engine._prefill_chunk(graphdef, params, cache, tokens, positions, lengths,
-                                         logits, None)
+    new_cache, _ = engine._prefill_chunk(
+        graphdef, params, cache, tokens, positions, lengths, logits, None
+    )
     assert before.is_deleted()
     assert not new_cache.layers[0].k.is_deleted()

@@ -44,10 +44,14 @@ def _write_native(hf_model, directory: Path, params: dict) -> None:
         "lm_head.weight": "output.weight",
     }
     per_layer = {
-        "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-        "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-        "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-        "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3",
+        "input_layernorm": "attention_norm",
         "post_attention_layernorm": "ffn_norm",
     }
     out = {}
@@ -71,9 +75,18 @@ def _write_native(hf_model, directory: Path, params: dict) -> None:
 def test_mistral_native_layout_matches_hf(hf_checkpoints, tmp_path):
     directory, hf_model = hf_checkpoints["gqa_window16"]
     hf_logits = _logits(mn.load_model(directory, progress=False))
-    params = {"dim": 64, "n_layers": 3, "head_dim": 16, "hidden_dim": 128, "n_heads": 4,
-              "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 211, "rope_theta": 10000.0,
-              "sliding_window": 16}
+    params = {
+        "dim": 64,
+        "n_layers": 3,
+        "head_dim": 16,
+        "hidden_dim": 128,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "norm_eps": 1e-5,
+        "vocab_size": 211,
+        "rope_theta": 10000.0,
+        "sliding_window": 16,
+    }
     _write_native(hf_model, tmp_path / "native", params)
     native = mn.load_model(tmp_path / "native", progress=False)
     assert native.config.layer_windows == (16, 16, 16)
@@ -83,9 +96,19 @@ def test_mistral_native_layout_matches_hf(hf_checkpoints, tmp_path):
 def test_native_per_layer_window_list(hf_checkpoints, tmp_path):
     """params.json's window list (Ministral) gives the same network as HF layer_types."""
     directory, hf_model = hf_checkpoints["interleaved"]
-    params = {"dim": 64, "n_layers": 4, "head_dim": 16, "hidden_dim": 128, "n_heads": 4,
-              "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 211, "rope_theta": 10000.0,
-              "max_seq_len": 512, "sliding_window": [8, 8, 512, 8]}
+    params = {
+        "dim": 64,
+        "n_layers": 4,
+        "head_dim": 16,
+        "hidden_dim": 128,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "norm_eps": 1e-5,
+        "vocab_size": 211,
+        "rope_theta": 10000.0,
+        "max_seq_len": 512,
+        "sliding_window": [8, 8, 512, 8],
+    }
     _write_native(hf_model, tmp_path / "native", params)
     native = mn.load_model(tmp_path / "native", progress=False)
     assert native.config.layer_windows == (8, 8, None, 8)
@@ -142,6 +165,7 @@ def test_orbax_write_is_atomic(hf_checkpoints, tmp_path, monkeypatch):
 
 
 # ---- bad input: one clear error naming the file / tensor, nothing half-loaded --------------
+
 
 def test_missing_path():
     with pytest.raises(MistralNNXError, match="model path '/no/such/dir' does not exist"):
@@ -205,13 +229,16 @@ def test_missing_and_unexpected_tensors(hf_checkpoints, tmp_path):
     src, hf_model = hf_checkpoints["llama"]
     tensors = {k: v.numpy().copy() for k, v in hf_model.state_dict().items()}
     d = _copy(src, tmp_path / "missing")
-    save_file({k: v for k, v in tensors.items() if "layers.2.mlp.up" not in k},
-              d / "model.safetensors")
+    save_file(
+        {k: v for k, v in tensors.items() if "layers.2.mlp.up" not in k}, d / "model.safetensors"
+    )
     with pytest.raises(MistralNNXError, match=r"missing tensor for 'layers\.2\.mlp\.up'"):
         mn.load_model(d)
     d = _copy(src, tmp_path / "extra")
-    save_file({**tensors, "model.layers.9.mlp.up_proj.weight": tensors["lm_head.weight"]},
-              d / "model.safetensors")
+    save_file(
+        {**tensors, "model.layers.9.mlp.up_proj.weight": tensors["lm_head.weight"]},
+        d / "model.safetensors",
+    )
     with pytest.raises(MistralNNXError, match=r"unexpected tensor 'model\.layers\.9\.mlp"):
         mn.load_model(d)
 

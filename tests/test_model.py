@@ -80,14 +80,25 @@ def test_positions_and_padding_mask(hf_checkpoints):
     # Left padding with explicit positions gives the same logits too.
     left = np.concatenate([np.full((1, 24), 7, np.int32), tokens], axis=1)
     positions = np.clip(np.arange(64) - 24, 0, None)[None].astype(np.int32)
-    out = model(jnp.asarray(left), positions=jnp.asarray(positions),
-                valid=jnp.asarray(np.arange(64)[None] >= 24))
+    out = model(
+        jnp.asarray(left),
+        positions=jnp.asarray(positions),
+        valid=jnp.asarray(np.arange(64)[None] >= 24),
+    )
     assert np.abs(np.asarray(out)[0, 24:] - ref).max() < 1e-4
 
 
 def test_random_init_is_not_degenerate():
-    config = mn.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_layers=2,
-                              num_heads=4, num_kv_heads=2, head_dim=8, layer_windows=(8, None))
+    config = mn.MistralConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        layer_windows=(8, None),
+    )
     model = mn.Mistral(config, rngs=nnx.Rngs(1))
     logits = np.asarray(model(jnp.asarray(_tokens(2, 16) % 101)))
     assert np.isfinite(logits).all()
@@ -96,8 +107,16 @@ def test_random_init_is_not_degenerate():
 
 
 def test_every_parameter_has_logical_axes():
-    config = mn.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_layers=2,
-                              num_heads=4, num_kv_heads=2, head_dim=8, layer_windows=(8, None))
+    config = mn.MistralConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        layer_windows=(8, None),
+    )
     model = mn.Mistral(config)
     known = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp"}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -105,7 +124,10 @@ def test_every_parameter_has_logical_axes():
         assert len(axes) == var.get_value().ndim, path
         assert set(axes) <= known, path
     assert model.layers[0].attn.wq.get_metadata()["logical_axes"] == (
-        "embed", "q_heads", "head_dim")
+        "embed",
+        "q_heads",
+        "head_dim",
+    )
 
 
 def test_jit_over_split_state(hf_checkpoints):

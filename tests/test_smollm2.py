@@ -24,7 +24,8 @@ def hf_tokenizer(smollm2_path):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, local_files_only=True)
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, local_files_only=True
+    )
 
 
 def test_chat_prompt_ids_identical(ours, hf_tokenizer):
@@ -48,8 +49,13 @@ def test_greedy_32_tokens_identical(ours, smollm2_hf):
     model, tokenizer = ours
     ids = tokenizer.encode_chat(MESSAGES)
     with torch.no_grad():
-        ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        ref = smollm2_hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(ids) :].tolist()
     # Ignore EOS so both run the full 32 steps.
     model_eos = model.config.eos_token_ids
     model.config = model.config.replace(eos_token_ids=())

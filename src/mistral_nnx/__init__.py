@@ -11,7 +11,19 @@ from mistral_nnx.sharding import make_mesh
 from mistral_nnx.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
-    "Completion", "Delta", "EngineOptions", "Mistral", "MistralConfig", "MistralNNXError",
-    "SamplingParams", "Tokenizer", "generate", "load_config", "load_model", "load_tokenizer",
-    "make_mesh", "save_model", "stream",
+    "Completion",
+    "Delta",
+    "EngineOptions",
+    "Mistral",
+    "MistralConfig",
+    "MistralNNXError",
+    "SamplingParams",
+    "Tokenizer",
+    "generate",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "make_mesh",
+    "save_model",
+    "stream",
 ]

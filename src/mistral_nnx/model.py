@@ -22,8 +22,9 @@ from mistral_nnx.sharding import Sharder, constrain
 Dtype = Any
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Dtype,
-           fan_in: int) -> nnx.Param:
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Dtype, fan_in: int
+) -> nnx.Param:
     value = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
@@ -50,14 +51,20 @@ def rope_inv_freq(config: MistralConfig) -> np.ndarray:
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling[
-            "high_freq_factor"]
+        factor, low, high = (
+            scaling["factor"],
+            scaling["low_freq_factor"],
+            scaling["high_freq_factor"],
+        )
         old_ctx = scaling["original_max_position_embeddings"]
         wavelen = 2 * np.pi / inv_freq
         smooth = (old_ctx / wavelen - low) / (high - low)
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = np.where(wavelen > old_ctx / low, inv_freq / factor,
-                            np.where(wavelen < old_ctx / high, inv_freq, blended))
+        inv_freq = np.where(
+            wavelen > old_ctx / low,
+            inv_freq / factor,
+            np.where(wavelen < old_ctx / high, inv_freq, blended),
+        )
     return inv_freq.astype(np.float32)
 
 
@@ -77,8 +84,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: MistralConfig, window: int | None, *, dtype: Dtype,
-                 param_dtype: Dtype, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self,
+        config: MistralConfig,
+        window: int | None,
+        *,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ) -> None:
         d, h, k, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.wq = _param(rngs, (d, h, e), ("embed", "q_heads", "head_dim"), param_dtype, d)
         self.wk = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), param_dtype, d)
@@ -87,9 +101,15 @@ class Attention(nnx.Module):
         self.window = window
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
-                 cos: jax.Array, sin: jax.Array,
-                 cache: LayerKV | None) -> tuple[jax.Array, LayerKV | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache: LayerKV | None,
+    ) -> tuple[jax.Array, LayerKV | None]:
         dt = self.dtype
         q = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
@@ -118,8 +138,9 @@ class Attention(nnx.Module):
         return out, cache
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-           window: int | None) -> jax.Array:
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, window: int | None
+) -> jax.Array:
     """Grouped-query attention. q [B,T,H,E], k/v [B,S,K,E], q_pos [B,T], k_pos [B,S] (-1 = empty).
 
     Query at position i sees key j when 0 <= j <= i and (no window or i - j < window).
@@ -140,8 +161,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: MistralConfig, *, dtype: Dtype, param_dtype: Dtype,
-                 rngs: nnx.Rngs) -> None:
+    def __init__(
+        self, config: MistralConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+    ) -> None:
         d, m = config.hidden_size, config.intermediate_size
         self.gate = _param(rngs, (d, m), ("embed", "mlp"), param_dtype, d)
         self.up = _param(rngs, (d, m), ("embed", "mlp"), param_dtype, d)
@@ -157,16 +179,30 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: MistralConfig, window: int | None, *, dtype: Dtype,
-                 param_dtype: Dtype, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self,
+        config: MistralConfig,
+        window: int | None,
+        *,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ) -> None:
         eps = config.rms_norm_eps
         self.attn_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype, rngs=rngs)
         self.attn = Attention(config, window, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array, cos: jax.Array,
-                 sin: jax.Array, cache: LayerKV | None) -> tuple[jax.Array, LayerKV | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache: LayerKV | None,
+    ) -> tuple[jax.Array, LayerKV | None]:
         attn_out, cache = self.attn(self.attn_norm(x), positions, valid, cos, sin, cache)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
@@ -176,33 +212,46 @@ class DecoderLayer(nnx.Module):
 class Mistral(nnx.Module):
     """Decoder-only transformer. `model(tokens)` -> float32 logits [B, T, vocab]."""
 
-    def __init__(self, config: MistralConfig, *, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None) -> None:
+    def __init__(
+        self,
+        config: MistralConfig,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
         self.sharder: Sharder | None = None  # set by load_model(mesh=...); used by the engine
         d = config.hidden_size
         self.embed = _param(rngs, (config.vocab_size, d), ("vocab", "embed"), param_dtype, 1)
-        self.layers = nnx.List([
-            DecoderLayer(config, w, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for w in config.layer_windows
-        ])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(config, w, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for w in config.layer_windows
+            ]
+        )
         self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = _param(rngs, (d, config.vocab_size), ("embed", "vocab"),
-                                  param_dtype, d)
+            self.lm_head = _param(rngs, (d, config.vocab_size), ("embed", "vocab"), param_dtype, d)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 valid: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, valid: jax.Array | None = None
+    ) -> jax.Array:
         """tokens [B, T] int32; positions [B, T] (default 0..T-1); valid [B, T] bool padding mask
         (default all True). Returns float32 logits [B, T, vocab]."""
         logits, _ = self.forward(tokens, positions, valid)
         return logits
 
-    def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-                valid: jax.Array | None = None, cache: KVCache | None = None,
-                logit_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    def forward(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        valid: jax.Array | None = None,
+        cache: KVCache | None = None,
+        logit_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """The full call. With `cache`, keys/values of earlier tokens come from it and the new
         ones are written into it. With `logit_index` [B], only the logits of that position of
         each row are computed: [B, vocab]."""
@@ -216,8 +265,9 @@ class Mistral(nnx.Module):
         x = constrain(x, ("batch", None, "embed"))
         new_layers = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, valid, cos, sin,
-                                   None if cache is None else cache.layers[i])
+            x, layer_cache = layer(
+                x, positions, valid, cos, sin, None if cache is None else cache.layers[i]
+            )
             new_layers.append(layer_cache)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]

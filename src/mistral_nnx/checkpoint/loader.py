@@ -42,7 +42,8 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
         except Exception as e:  # network, auth, missing repo: all end the same way for a user
             raise MistralNNXError(
                 f"cannot download '{text}' from the Hugging Face hub ({type(e).__name__}); "
-                "with no network, pass a local directory or .gguf file path instead") from None
+                "with no network, pass a local directory or .gguf file path instead"
+            ) from None
     raise MistralNNXError(f"model path '{text}' does not exist")
 
 
@@ -59,7 +60,8 @@ def detect_format(path: Path) -> str:
     if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
         return "hf"
     if (path / "consolidated.safetensors").exists() or (
-            path / "consolidated.safetensors.index.json").exists():
+        path / "consolidated.safetensors.index.json"
+    ).exists():
         return "native"
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -67,24 +69,33 @@ def detect_format(path: Path) -> str:
     pickles = [p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
     if pickles:
         raise _pickle_refusal(pickles[0])
-    raise MistralNNXError(f"{path}: unknown model format (no model.safetensors, "
-                          "consolidated.safetensors, .gguf or mistral_nnx checkpoint)")
+    raise MistralNNXError(
+        f"{path}: unknown model format (no model.safetensors, "
+        "consolidated.safetensors, .gguf or mistral_nnx checkpoint)"
+    )
 
 
 def _pickle_refusal(path: Path) -> MistralNNXError:
     return MistralNNXError(
         f"{path}: pickled checkpoints are never loaded (unpickling runs arbitrary code); convert "
         "it once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
-        ".save_pretrained(out, safe_serialization=True)")
+        ".save_pretrained(out, safe_serialization=True)"
+    )
 
 
 def gguf_file(path: Path) -> Path:
     return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
 
 
-def load_model(source: str | os.PathLike[str], *, dtype: Any = jnp.float32,
-               param_dtype: Any = None, mesh: jax.sharding.Mesh | None = None,
-               rules: str | Rules | None = None, progress: bool = True) -> Mistral:
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: str | Rules | None = None,
+    progress: bool = True,
+) -> Mistral:
     """Load a checkpoint (HF safetensors, Mistral native, GGUF or this project's orbax format).
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With a
@@ -99,22 +110,25 @@ def load_model(source: str | os.PathLike[str], *, dtype: Any = jnp.float32,
         from mistral_nnx.checkpoint.orbax_io import load_orbax
 
         return attach_sharder(
-            load_orbax(path, dtype=dtype, param_dtype=param_dtype, sharder=sharder), sharder)
+            load_orbax(path, dtype=dtype, param_dtype=param_dtype, sharder=sharder), sharder
+        )
     if fmt == "gguf":
         from mistral_nnx.checkpoint.gguf import iter_gguf_tensors, read_gguf_config
 
         file = gguf_file(path)
         config = read_gguf_config(file)
         tensors: Iterator[tuple[str, np.ndarray, Path]] = (
-            (n, w, file) for n, w in iter_gguf_tensors(file, config))
+            (n, w, file) for n, w in iter_gguf_tensors(file, config)
+        )
     else:
         config = load_config(path)
         if fmt == "hf":
             files = shard_files(path, "model.safetensors.index.json", "model.safetensors")
             tensors = iter_safetensors(files)
         else:
-            files = shard_files(path, "consolidated.safetensors.index.json",
-                                "consolidated.safetensors")
+            files = shard_files(
+                path, "consolidated.safetensors.index.json", "consolidated.safetensors"
+            )
             native = iter_safetensors(files)
             tensors = (names.native_to_hf(n, w, config) + (f,) for n, w, f in native)
         for f in files:  # check every header before placing anything
@@ -134,16 +148,18 @@ def attach_sharder(model: Mistral, sharder: Sharder | None) -> Mistral:
 
 def abstract_model(config: MistralConfig, dtype: Any, param_dtype: Any) -> Mistral:
     """The model's structure with ShapeDtypeStruct leaves: no memory, no random init."""
-    return nnx.eval_shape(lambda: Mistral(config, dtype=dtype, param_dtype=param_dtype,
-                                          rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(
+        lambda: Mistral(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
 
 
 def param_sharding(var: Any, sharder: Sharder | None, name: str) -> jax.sharding.Sharding:
     shape = var.get_value().shape
     if sharder is None:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return sharder(shape, var.get_metadata().get("logical_axes", (None,) * len(shape)),
-                   strict=True, name=name)
+    return sharder(
+        shape, var.get_metadata().get("logical_axes", (None,) * len(shape)), strict=True, name=name
+    )
 
 
 def check_shardable(model: Mistral, sharder: Sharder | None) -> None:
@@ -154,17 +170,29 @@ def check_shardable(model: Mistral, sharder: Sharder | None) -> None:
         param_sharding(var, sharder, ".".join(map(str, path)))
 
 
-def place_tensors(model: Mistral, tensors: Iterator[tuple[str, np.ndarray, Path]],
-                  config: MistralConfig, param_dtype: Any, sharder: Sharder | None,
-                  source: str, progress: bool) -> Mistral:
+def place_tensors(
+    model: Mistral,
+    tensors: Iterator[tuple[str, np.ndarray, Path]],
+    config: MistralConfig,
+    param_dtype: Any,
+    sharder: Sharder | None,
+    source: str,
+    progress: bool,
+) -> Mistral:
     """Map, transform, cast and place each tensor into the abstract model; all or nothing."""
     check_shardable(model, sharder)
     graphdef, state = nnx.split(model)
     targets = dict(nnx.to_flat_state(state))
     table = names.hf_table(config)
     loaded: set[tuple[Any, ...]] = set()
-    bar = tqdm(total=len(targets), desc="loading", unit="tensor", file=sys.stderr,
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(targets),
+        desc="loading",
+        unit="tensor",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
     for name, array, file in tensors:
         if names.IGNORED_HF.match(name):
             continue
@@ -179,7 +207,8 @@ def place_tensors(model: Mistral, tensors: Iterator[tuple[str, np.ndarray, Path]
         if tuple(value.shape) != tuple(var.get_value().shape):
             raise MistralNNXError(
                 f"{file}: tensor '{name}' has shape {list(array.shape)}, which disagrees with "
-                f"the config (expected {list(var.get_value().shape)} after layout change)")
+                f"the config (expected {list(var.get_value().shape)} after layout change)"
+            )
         sharding = param_sharding(var, sharder, name)
         var.set_value(_place(value, param_dtype, sharding))
         loaded.add(path)
@@ -206,4 +235,5 @@ def _place(value: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding) -> ja
     sharding says so, and multi-host works (each process feeds only its own devices)."""
     dtype = np.dtype(dtype)
     return jax.make_array_from_callback(
-        value.shape, sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype))
+        value.shape, sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype)
+    )

@@ -17,8 +17,9 @@ Path_ = tuple[str | int, ...]
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-def hf_table(config: MistralConfig) -> list[tuple[re.Pattern[str], Callable[[re.Match[str]],
-                                                                             Path_], Transform]]:
+def hf_table(
+    config: MistralConfig,
+) -> list[tuple[re.Pattern[str], Callable[[re.Match[str]], Path_], Transform]]:
     """(regex on the HF name, model path from the match, transform to our layout)."""
     d, h, k, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
 
@@ -41,15 +42,20 @@ def hf_table(config: MistralConfig) -> list[tuple[re.Pattern[str], Callable[[re.
         (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", layer("attn", "wq"), heads_in(h)),
         (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", layer("attn", "wk"), heads_in(k)),
         (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", layer("attn", "wv"), heads_in(k)),
-        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", layer("attn", "wo"),
-         lambda w: w.reshape(d, h, e).transpose(1, 2, 0)),
+        (
+            r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight",
+            layer("attn", "wo"),
+            lambda w: w.reshape(d, h, e).transpose(1, 2, 0),
+        ),
         (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", layer("mlp", "gate"), transpose),
         (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", layer("mlp", "up"), transpose),
         (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", layer("mlp", "down"), transpose),
-        (r"model\.layers\.(\d+)\.input_layernorm\.weight", layer("attn_norm", "weight"),
-         identity),
-        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", layer("mlp_norm", "weight"),
-         identity),
+        (r"model\.layers\.(\d+)\.input_layernorm\.weight", layer("attn_norm", "weight"), identity),
+        (
+            r"model\.layers\.(\d+)\.post_attention_layernorm\.weight",
+            layer("mlp_norm", "weight"),
+            identity,
+        ),
     ]
     return [(re.compile(pattern), path, fn) for pattern, path, fn in rows]
 

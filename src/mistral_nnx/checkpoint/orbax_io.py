@@ -32,8 +32,13 @@ MARKER = "mistral_nnx.json"
 FORMAT_VERSION = 1
 
 
-def save_model(model: Mistral, path: str | os.PathLike[str], *, overwrite: bool = False,
-               extra_files: Iterable[Path] = ()) -> Path:
+def save_model(
+    model: Mistral,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    extra_files: Iterable[Path] = (),
+) -> Path:
     """Write `model` to `path` atomically; `extra_files` (tokenizer files) are copied beside."""
     path = Path(path).expanduser().absolute()
     if path.exists() and not overwrite:
@@ -47,8 +52,11 @@ def save_model(model: Mistral, path: str | os.PathLike[str], *, overwrite: bool 
             ckptr.wait_until_finished()
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
-        marker = {"format": "mistral_nnx", "version": FORMAT_VERSION,
-                  "config": model.config.to_dict()}
+        marker = {
+            "format": "mistral_nnx",
+            "version": FORMAT_VERSION,
+            "config": model.config.to_dict(),
+        }
         (tmp / MARKER).write_text(json.dumps(marker, indent=1))
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -69,15 +77,16 @@ def read_marker(path: Path) -> MistralConfig:
         if marker.get("format") != "mistral_nnx":
             raise ValueError
         if marker.get("version") != FORMAT_VERSION:
-            raise MistralNNXError(f"{path / MARKER}: format version {marker.get('version')} is "
-                                  f"not supported (this build reads {FORMAT_VERSION})")
+            raise MistralNNXError(
+                f"{path / MARKER}: format version {marker.get('version')} is "
+                f"not supported (this build reads {FORMAT_VERSION})"
+            )
         return MistralConfig.from_dict(marker["config"])
     except (ValueError, KeyError, TypeError):
         raise MistralNNXError(f"{path / MARKER}: corrupt mistral_nnx checkpoint marker") from None
 
 
-def load_orbax(path: Path, *, dtype: Any, param_dtype: Any,
-               sharder: Sharder | None) -> Mistral:
+def load_orbax(path: Path, *, dtype: Any, param_dtype: Any, sharder: Sharder | None) -> Mistral:
     from mistral_nnx.checkpoint.loader import abstract_model, check_shardable, param_sharding
 
     config = read_marker(path)
@@ -92,14 +101,17 @@ def load_orbax(path: Path, *, dtype: Any, param_dtype: Any,
         node = target
         for part in key[:-1]:
             node = node.setdefault(str(part), {})
-        node[str(key[-1])] = jax.ShapeDtypeStruct(sds.shape, np.dtype(param_dtype),
-                                                  sharding=sharding)
+        node[str(key[-1])] = jax.ShapeDtypeStruct(
+            sds.shape, np.dtype(param_dtype), sharding=sharding
+        )
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / "state", target)
     except Exception as e:  # orbax raises many types for missing / damaged files
-        raise MistralNNXError(f"{path}: cannot restore orbax state ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise MistralNNXError(
+            f"{path}: cannot restore orbax state ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     for key, var in flat:
         node = restored
         for part in key:

@@ -20,9 +20,15 @@ import numpy as np
 from mistral_nnx.errors import MistralNNXError
 
 _DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
 _MAX_HEADER = 100 * 1024 * 1024
@@ -67,11 +73,14 @@ def read_header(path: Path) -> list[TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise MistralNNXError(f"{path}: corrupt header entry for tensor '{name}'") from None
         if end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or start < 0:
-            raise MistralNNXError(f"{path}: tensor '{name}' has a size that disagrees with its "
-                                  "shape and dtype")
+            raise MistralNNXError(
+                f"{path}: tensor '{name}' has a size that disagrees with its shape and dtype"
+            )
         if base + end > size:
-            raise MistralNNXError(f"{path}: truncated file: tensor '{name}' ends at byte "
-                                  f"{base + end} but the file has {size} bytes")
+            raise MistralNNXError(
+                f"{path}: truncated file: tensor '{name}' ends at byte "
+                f"{base + end} but the file has {size} bytes"
+            )
         infos.append(TensorInfo(name, dtype, shape, base + start, base + end))
     return infos
 
@@ -115,4 +124,3 @@ def shard_files(directory: Path, index_name: str, single_name: str) -> list[Path
                 raise MistralNNXError(f"{index}: lists shard '{f.name}' which is missing")
         return files
     return [directory / single_name]
-
