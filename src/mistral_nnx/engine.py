@@ -396,6 +396,11 @@ def stream(
             first_token_seconds=first_token_time or 0.0,
             tokens_per_second=generated / elapsed if elapsed > 0 else 0.0,
         )
+        # Decode rate: tokens after the first of each row, over the time after the first token.
+        decode_time = elapsed - (first_token_time or 0.0)
+        stats["decode_tokens_per_second"] = (
+            (generated - b) / decode_time if decode_time > 0 and generated > b else 0.0
+        )
 
 
 def _find_stop(text: str, stop_strings: list[str], new_from: int) -> int | None:
@@ -458,7 +463,8 @@ def generate(
 def print_stats(stats: dict[str, float]) -> None:
     print(
         f"[{stats['tokens']:.0f} tokens in {stats['seconds']:.2f} s, "
-        f"{stats['tokens_per_second']:.1f} tokens/s, first token after "
-        f"{stats['first_token_seconds']:.2f} s]",
+        f"{stats['tokens_per_second']:.1f} tokens/s; first token after "
+        f"{stats['first_token_seconds']:.2f} s, then "
+        f"{stats['decode_tokens_per_second']:.1f} tokens/s]",
         file=sys.stderr,
     )
