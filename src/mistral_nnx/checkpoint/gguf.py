@@ -15,6 +15,7 @@ Two details of the llama.cpp format matter here:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,15 @@ def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, 
 def _open(path: Path) -> GGUFReader:
     if not path.is_file():
         raise MistralNNXError(f"{path}: GGUF file not found")
+    stat = path.stat()
+    # Parsing the header (tens of thousands of vocab strings) takes seconds: read_gguf_config
+    # and iter_gguf_tensors share one reader while the file is unchanged.
+    return _open_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_cached(path_text: str, size: int, mtime_ns: int) -> GGUFReader:
+    path = Path(path_text)
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises many kinds of errors on corrupt input

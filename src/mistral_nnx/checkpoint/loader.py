@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -193,23 +194,37 @@ def place_tensors(
         disable=not progress,
         leave=False,
     )
-    for name, array, file in tensors:
+
+    def prepare(item: tuple[str, np.ndarray, Path]) -> tuple[tuple[Any, ...], np.ndarray] | None:
+        """Name -> model path, layout change, shape check (runs one tensor ahead, in a thread)."""
+        name, array, file = item
         if names.IGNORED_HF.match(name):
-            continue
+            return None
         if config.tie_word_embeddings and name == "lm_head.weight":
-            continue  # tied checkpoints sometimes store the shared matrix twice
+            return None  # tied checkpoints sometimes store the shared matrix twice
         found = _lookup(table, name)
         if found is None or found[0] not in targets:
             raise MistralNNXError(f"{file}: unexpected tensor '{name}' for this config")
         path, transform = found
-        var = targets[path]
-        value = transform(array)
-        if tuple(value.shape) != tuple(var.get_value().shape):
+        expected = tuple(targets[path].get_value().shape)
+        try:
+            value = transform(array)
+        except ValueError:  # a reshape that cannot fit: reported below as a shape mismatch
+            value = array
+        if tuple(value.shape) != expected:
             raise MistralNNXError(
                 f"{file}: tensor '{name}' has shape {list(array.shape)}, which disagrees with "
-                f"the config (expected {list(var.get_value().shape)} after layout change)"
+                f"the config (expected {list(expected)} after layout change)"
             )
-        sharding = param_sharding(var, sharder, name)
+        return path, value
+
+    # Reading and re-layout of the next tensor run in a thread while this one is placed.
+    for prepared in _prefetch(tensors, prepare):
+        if prepared is None:
+            continue
+        path, value = prepared
+        var = targets[path]
+        sharding = param_sharding(var, sharder, ".".join(map(str, path)))
         var.set_value(_place(value, param_dtype, sharding))
         loaded.add(path)
         bar.update()
@@ -219,6 +234,27 @@ def place_tensors(
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise MistralNNXError(f"{source}: checkpoint is missing tensor for '{missing[0]}'{more}")
     return nnx.merge(graphdef, state)
+
+
+_DONE = object()
+
+
+def _prefetch(items: Iterator[Any], fn: Callable[[Any], Any]) -> Iterator[Any]:
+    """fn(item) for each item, computed one item ahead in a background thread (file reads and
+    numpy copies release the GIL, so the stages run in parallel)."""
+
+    def work() -> Any:
+        try:
+            item = next(items)
+        except StopIteration:
+            return _DONE
+        return fn(item)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(work)
+        while (result := pending.result()) is not _DONE:
+            pending = pool.submit(work)
+            yield result
 
 
 def _lookup(table: list[Any], name: str) -> tuple[tuple[Any, ...], Any] | None:

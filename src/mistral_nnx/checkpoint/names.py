@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mistral_nnx.checkpoint.safetensors_io import aligned_empty
 from mistral_nnx.config import MistralConfig
 
 Path_ = tuple[str | int, ...]
@@ -27,10 +28,7 @@ def hf_table(
         return lambda m: ("layers", int(m.group(1)), *rest)
 
     def heads_in(n: int) -> Transform:  # [n*e, d] -> [d, n, e]
-        return lambda w: w.reshape(n, e, d).transpose(2, 0, 1)
-
-    def transpose(w: np.ndarray) -> np.ndarray:
-        return w.T
+        return lambda w: transpose(w).reshape(d, n, e)
 
     def identity(w: np.ndarray) -> np.ndarray:
         return w
@@ -45,7 +43,7 @@ def hf_table(
         (
             r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight",
             layer("attn", "wo"),
-            lambda w: w.reshape(d, h, e).transpose(1, 2, 0),
+            lambda w: transpose(w).reshape(h, e, d),
         ),
         (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", layer("mlp", "gate"), transpose),
         (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", layer("mlp", "up"), transpose),
@@ -58,6 +56,15 @@ def hf_table(
         ),
     ]
     return [(re.compile(pattern), path, fn) for pattern, path, fn in rows]
+
+
+def transpose(w: np.ndarray, block: int = 256) -> np.ndarray:
+    """A contiguous transpose of a matrix, copied in row blocks: numpy's plain strided copy of a
+    large transposed view is cache-hostile (3x slower on a 32768 x 1024 matrix)."""
+    out = aligned_empty(w.shape[::-1], w.dtype)
+    for i in range(0, w.shape[0], block):
+        out[:, i : i + block] = w[i : i + block].T
+    return out
 
 
 # Tensors some HF checkpoints carry that hold no weights of this network.

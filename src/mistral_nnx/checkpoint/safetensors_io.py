@@ -85,9 +85,18 @@ def read_header(path: Path) -> list[TensorInfo]:
     return infos
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte boundary: JAX's CPU backend then
+    adopts it without a copy (device_put / make_array_from_callback share its memory)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
     """Read one tensor's bytes with pread into a fresh array."""
-    out = np.empty(info.shape, dtype=info.dtype)
+    out = aligned_empty(info.shape, info.dtype)
     view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -104,7 +113,7 @@ def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
 
 def iter_safetensors(paths: list[Path]) -> Iterator[tuple[str, np.ndarray, Path]]:
     """(name, array, file) for every tensor of every file, one at a time; headers checked first."""
-    headers = [(p, read_header(p)) for p in paths]
+    headers = [(path, read_header(path)) for path in paths]
     for path, infos in headers:
         for info in infos:
             yield info.name, read_tensor(path, info), path
