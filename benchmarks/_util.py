@@ -21,9 +21,18 @@ import numpy as np
 
 # The random 176M-parameter Mistral of the CPU benchmarks (and, with fewer layers, of load.py).
 RANDOM_176M: dict[str, Any] = dict(
-    hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
-    intermediate_size=3584, vocab_size=32768, sliding_window=4096, head_dim=64,
-    max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    hidden_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    intermediate_size=3584,
+    vocab_size=32768,
+    sliding_window=4096,
+    head_dim=64,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
     rms_norm_eps=1e-5,
 )
 
@@ -36,8 +45,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats are printed as given (format them before)."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     for r in cells:
         lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
     return "\n".join(lines)
@@ -87,8 +98,10 @@ def copy_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> dict[str, float]
         np.copyto(dst, src)
 
     def many() -> None:
-        ts = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b]))
-              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        ts = [
+            threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b]))
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
         for t in ts:
             t.start()
         for t in ts:
@@ -103,7 +116,6 @@ def copy_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> dict[str, float]
             fn()
             times.append(time.perf_counter() - t0)
         out[name] = 2 * src.nbytes / median(times) / 1e9
-    del src, dst
     return out
 
 
@@ -131,13 +143,20 @@ def make_random_mistral(directory: Path, seed: int = 0, **overrides: Any) -> Pat
 
 
 def checkpoint_bytes(directory: Path, suffix: str = "") -> int:
-    return sum(p.stat().st_size for p in Path(directory).rglob("*")
-               if p.is_file() and p.name.endswith(suffix))
+    return sum(
+        p.stat().st_size
+        for p in Path(directory).rglob("*")
+        if p.is_file() and p.name.endswith(suffix)
+    )
 
 
-def versions() -> str:
+ALL_PACKAGES = ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "orbax.checkpoint")
+
+
+def versions(packages: Sequence[str] = ALL_PACKAGES) -> str:
+    """'python X, jax Y, ...' for the packages that import (importing them if needed)."""
     out = [f"python {platform.python_version()}"]
-    for mod in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "orbax.checkpoint"):
+    for mod in packages:
         try:
             m = __import__(mod, fromlist=["__version__"])
             out.append(f"{mod} {m.__version__}")
@@ -146,5 +165,27 @@ def versions() -> str:
     return ", ".join(out)
 
 
-def git_free_date() -> str:
-    return subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
+TIME_BIN = Path("/usr/bin/time")
+
+
+def run_measured(
+    cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 900
+) -> tuple[float, float | None, str]:
+    """Run `cmd` in a fresh process: (wall seconds, peak RSS in MB (1e6 bytes) or None, stdout).
+
+    Peak RSS comes from `/usr/bin/time -v` when it exists; otherwise it is None and the caller
+    should have the child report its own `resource.getrusage(RUSAGE_SELF).ru_maxrss`.
+    """
+    use_time = TIME_BIN.exists()
+    full = [str(TIME_BIN), "-v", *cmd] if use_time else list(cmd)
+    t0 = time.perf_counter()
+    proc = subprocess.run(full, capture_output=True, text=True, env=env, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss = None
+    if use_time:
+        for line in proc.stderr.splitlines():
+            if "Maximum resident set size" in line:
+                rss = int(line.rsplit(":", 1)[1]) * 1024 / 1e6
+    return wall, rss, proc.stdout
