@@ -71,8 +71,12 @@ def test_chunked_prefill_equals_one_shot(hf_checkpoints, chunk):
     assert np.abs(np.concatenate(got) - reference).max() < 1e-4
 
 
-def test_greedy_matches_transformers_generate(window16):
-    model, hf_model = window16
+@pytest.mark.parametrize("name", ["gqa_window16", "llama"])
+def test_greedy_matches_transformers_generate(hf_checkpoints, name):
+    """80 greedy tokens after a 24-token prompt: past the window (ring buffers wrap) and, on the
+    full-attention model, across the live-prefix buckets of the cache (64 -> 128 slots)."""
+    directory, hf_model = hf_checkpoints[name]
+    model = mn.load_model(directory, progress=False)
     prompt = _ids(24, 1)
     with torch.no_grad():
         ref = hf_model.generate(

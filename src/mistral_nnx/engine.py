@@ -347,6 +347,7 @@ def stream(
     detoks = [StreamDetokenizer(tokenizer) if tokenizer else None for _ in range(b)]
     texts = ["" for _ in range(b)]
     finished = [False] * b
+    emitted = [0] * b
     generated = 0
     while True:
         tok_np, lp_np = host_local_array(out_tok), host_local_array(out_lp)
@@ -359,6 +360,7 @@ def stream(
                 continue
             new = [int(t) for t in tok_np[row] if t >= 0]
             generated += len(new)
+            emitted[row] += len(new)
             lps = [float(x) for x, t in zip(lp_np[row], tok_np[row], strict=True) if t >= 0]
             reason = _FINISH_NAMES.get(int(finish_np[row])) if done_np[row] else None
             text = None
@@ -385,6 +387,10 @@ def stream(
                 done=state.done | jnp.asarray(mask),
                 finish=jnp.where(jnp.asarray(mask), FINISH_STOP, state.finish),
             )
+        # Full-attention layers read only a power-of-two prefix above every position this
+        # chunk can reach: a long cache is not read whole at every step (a few compiles in all).
+        reach = max(n + e for n, e in zip(lengths, emitted, strict=True)) + options.decode_steps
+        cache = cache.with_live(min(cache_len, _bucket(reach, 64, 1 << 30)))
         cache, state, out_tok, out_lp = _decode(
             graphdef, params, cache, state, sampling, rules, options.decode_steps, sharder
         )

@@ -124,7 +124,7 @@ class Attention(nnx.Module):
         elif cache.can_write_before_read(x.shape[1]):
             # Decode (or a full-attention layer): writing first overwrites nothing still needed.
             cache = cache.write(k, v, positions, valid)
-            keys, values, key_pos = cache.k, cache.v, cache.pos
+            keys, values, key_pos = cache.readable()
         else:
             # A ring buffer taking a multi-token chunk: attend over the old entries plus the
             # chunk, then keep the newest entries.
