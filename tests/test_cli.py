@@ -127,3 +127,38 @@ def test_generate_on_a_mesh():
     )
     assert bad.returncode == 2 and "needs 8 devices" not in bad.stderr
     assert "6 are available" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_chat_history_and_reset(monkeypatch, capsys, smollm2_path):
+    """Turns accumulate in the prompt (user and assistant), and /reset starts afresh."""
+    import io
+
+    from mistral_nnx import cli, engine
+    from mistral_nnx.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    prompts: list[str] = []
+
+    def fake_stream(model, batch, **kwargs):
+        prompts.append(tokenizer.decode(batch[0]))
+        kwargs["stats"].update(
+            seconds=1.0,
+            tokens=1,
+            first_token_seconds=0.5,
+            tokens_per_second=1.0,
+            decode_tokens_per_second=1.0,
+        )
+        yield engine.Delta(0, [1], f"reply{len(prompts)}", None, "stop")
+
+    monkeypatch.setattr(cli, "_load", lambda args: (None, tokenizer))
+    monkeypatch.setattr(engine, "stream", fake_stream)
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("first question\nsecond question\n/reset\nthird\n")
+    )
+    assert main(["chat"]) == 0
+    assert len(prompts) == 3
+    assert "first question" in prompts[1] and "reply1" in prompts[1]
+    assert "second question" in prompts[1]
+    assert "third" in prompts[2]
+    assert "first question" not in prompts[2] and "reply" not in prompts[2]
+    assert capsys.readouterr().out.split() == ["reply1", "reply2", "reply3"]

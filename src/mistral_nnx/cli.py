@@ -181,20 +181,15 @@ def _is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _print_completion(
+    model: Any, tokenizer: Any, prompt: str | list[int], args: argparse.Namespace
+) -> str:
+    """Stream one completion to stdout (process 0 only), then the speed to stderr."""
     from mistral_nnx.engine import EngineOptions, print_stats, stream
 
-    kwargs = _sampling_kwargs(args)
-    model, tokenizer = _load(args)
-    if args.chat:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        prompt: str | list[int] = tokenizer.encode_chat(
-            messages + [{"role": "user", "content": args.prompt}]
-        )
-    else:
-        prompt = args.prompt
     stats: dict[str, float] = {}
     main = _is_main_process()
+    text = ""
     for delta in stream(
         model,
         [prompt],
@@ -202,20 +197,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         options=EngineOptions(max_seq_len=args.max_seq_len),
         stats=stats,
-        **kwargs,
+        **_sampling_kwargs(args),
     ):
+        text += delta.text or ""
         if main and delta.text:
             print(delta.text, end="", flush=True)
     if main:
         print()
         print_stats(stats)
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _sampling_kwargs(args)  # invalid sampling arguments fail before the model loads
+    model, tokenizer = _load(args)
+    prompt: str | list[int] = args.prompt
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = tokenizer.encode_chat(system + [{"role": "user", "content": args.prompt}])
+    _print_completion(model, tokenizer, prompt, args)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from mistral_nnx.engine import EngineOptions, print_stats, stream
-
-    kwargs = _sampling_kwargs(args)
+    _sampling_kwargs(args)
     model, tokenizer = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -235,22 +240,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("[history cleared]", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
-        ids = tokenizer.encode_chat(system + history)
-        reply, stats = "", dict[str, float]()
-        for delta in stream(
-            model,
-            [ids],
-            tokenizer=tokenizer,
-            max_new_tokens=args.max_new_tokens,
-            options=EngineOptions(max_seq_len=args.max_seq_len),
-            stats=stats,
-            **kwargs,
-        ):
-            if delta.text:
-                reply += delta.text
-                print(delta.text, end="", flush=True)
-        print()
-        print_stats(stats)
+        reply = _print_completion(model, tokenizer, tokenizer.encode_chat(system + history), args)
         history.append({"role": "assistant", "content": reply})
 
 
