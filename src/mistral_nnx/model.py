@@ -23,18 +23,23 @@ Dtype = Any
 
 
 def _param(
-    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Dtype, fan_in: int
+    rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Dtype, fan_in: int
 ) -> nnx.Param:
+    if rngs is None:  # abstract: shapes only, filled in later by a checkpoint loader
+        return nnx.Param(jax.ShapeDtypeStruct(shape, dtype), logical_axes=axes)
     value = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, param_dtype: Dtype, rngs: nnx.Rngs) -> None:
-        # Ones + small noise: a random model must not be degenerate, and norms must matter.
-        noise = 0.1 * jax.random.normal(rngs.params(), (dim,), jnp.float32)
-        self.weight = nnx.Param((1.0 + noise).astype(param_dtype), logical_axes=("embed",))
+    def __init__(self, dim: int, eps: float, *, param_dtype: Dtype, rngs: nnx.Rngs | None) -> None:
         self.eps = eps
+        value: Any = jax.ShapeDtypeStruct((dim,), param_dtype)
+        if rngs is not None:
+            # Ones + small noise: a random model must not be degenerate, and norms must matter.
+            noise = 0.1 * jax.random.normal(rngs.params(), (dim,), jnp.float32)
+            value = (1.0 + noise).astype(param_dtype)
+        self.weight = nnx.Param(value, logical_axes=("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)  # the statistics always in float32, as in HF
@@ -91,7 +96,7 @@ class Attention(nnx.Module):
         *,
         dtype: Dtype,
         param_dtype: Dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ) -> None:
         d, h, k, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.wq = _param(rngs, (d, h, e), ("embed", "q_heads", "head_dim"), param_dtype, d)
@@ -165,7 +170,7 @@ def attend(
 
 class MLP(nnx.Module):
     def __init__(
-        self, config: MistralConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+        self, config: MistralConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs | None
     ) -> None:
         d, m = config.hidden_size, config.intermediate_size
         self.gate = _param(rngs, (d, m), ("embed", "mlp"), param_dtype, d)
@@ -189,7 +194,7 @@ class DecoderLayer(nnx.Module):
         *,
         dtype: Dtype,
         param_dtype: Dtype,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ) -> None:
         eps = config.rms_norm_eps
         self.attn_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype, rngs=rngs)
@@ -222,8 +227,12 @@ class Mistral(nnx.Module):
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs | None = None,
+        abstract: bool = False,
     ) -> None:
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        """Random weights from `rngs` (default seed 0), or with `abstract=True` parameters that
+        hold only shapes and dtypes (jax.ShapeDtypeStruct), for a loader to fill: instant, and
+        no memory, even for a 24B model."""
+        rngs = None if abstract else (rngs if rngs is not None else nnx.Rngs(0))
         self.config = config
         self.dtype = dtype
         self.sharder: Sharder | None = None  # set by load_model(mesh=...); used by the engine

@@ -149,9 +149,7 @@ def attach_sharder(model: Mistral, sharder: Sharder | None) -> Mistral:
 
 def abstract_model(config: MistralConfig, dtype: Any, param_dtype: Any) -> Mistral:
     """The model's structure with ShapeDtypeStruct leaves: no memory, no random init."""
-    return nnx.eval_shape(
-        lambda: Mistral(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    )
+    return Mistral(config, dtype=dtype, param_dtype=param_dtype, abstract=True)
 
 
 def param_sharding(var: Any, sharder: Sharder | None, name: str) -> jax.sharding.Sharding:
