@@ -9,6 +9,13 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MISTRAL_NNX_NO_COMPILE_CACHE", "1")  # tests never write ~/.cache
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # subprocesses share a GPU
+
+import jax  # noqa: E402
+
+# Parity is measured in true float32: on GPUs JAX's default float32 matmul is TF32.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def randomize_norms(model: Any, seed: int = 0) -> None:

@@ -12,7 +12,12 @@ import pytest
 import mistral_nnx as mn
 from mistral_nnx.cli import main
 
-ENV = {**os.environ, "MISTRAL_NNX_NO_COMPILE_CACHE": "1", "HF_HUB_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "MISTRAL_NNX_NO_COMPILE_CACHE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "JAX_PLATFORMS": "cpu",  # the fake-device mesh test needs CPU devices, also on a GPU host
+}
 
 
 def _run(*args: str, stdin: str | None = None, timeout: int = 300):
@@ -162,3 +167,44 @@ def test_chat_history_and_reset(monkeypatch, capsys, smollm2_path):
     assert "third" in prompts[2]
     assert "first question" not in prompts[2] and "reply" not in prompts[2]
     assert capsys.readouterr().out.split() == ["reply1", "reply2", "reply3"]
+
+
+def test_chat_survives_a_failed_turn(monkeypatch, capsys, smollm2_path):
+    import io
+
+    from mistral_nnx import cli, engine
+    from mistral_nnx.errors import MistralNNXError
+    from mistral_nnx.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    calls = []
+
+    def fake_stream(model, batch, **kwargs):
+        calls.append(tokenizer.decode(batch[0]))
+        if len(calls) == 1:
+            raise MistralNNXError("prompt of 900 tokens + max_new_tokens 256 exceeds the cache")
+        kwargs["stats"].update(
+            seconds=1.0,
+            tokens=1,
+            first_token_seconds=0.5,
+            tokens_per_second=1.0,
+            decode_tokens_per_second=1.0,
+        )
+        yield engine.Delta(0, [1], "ok", None, "stop")
+
+    monkeypatch.setattr(cli, "_load", lambda args: (None, tokenizer))
+    monkeypatch.setattr(engine, "stream", fake_stream)
+    monkeypatch.setattr("sys.stdin", io.StringIO("too long\nshort\n"))
+    assert main(["chat"]) == 0
+    err = capsys.readouterr().err
+    assert "exceeds the cache (/reset clears the history)" in err
+    assert "too long" not in calls[1]  # the failed turn is not kept in the history
+
+
+def test_convert_into_a_file_path(hf_checkpoints, tmp_path, capsys):
+    directory, _ = hf_checkpoints["llama"]
+    (tmp_path / "file").write_text("x")
+    assert main(["convert", str(directory), str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write checkpoint" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -207,3 +207,29 @@ def test_cache_is_donated_to_the_step_functions(window16):
     )
     assert before.is_deleted()
     assert not new_cache.layers[0].k.is_deleted()
+
+
+def test_out_of_vocab_prompt_and_bad_options(window16):
+    model, _ = window16
+    with pytest.raises(MistralNNXError, match=r"prompts\[0\] has token id 5000 outside"):
+        generate(model, [[1, 2, 5000]], max_new_tokens=3)
+    with pytest.raises(MistralNNXError, match="token id -1"):
+        generate(model, [[-1]], max_new_tokens=3)
+    for field in ("prefill_chunk", "decode_steps", "min_bucket", "max_seq_len"):
+        with pytest.raises(MistralNNXError, match=f"EngineOptions.{field} must be a positive"):
+            EngineOptions(**{field: 0})
+    with pytest.raises(MistralNNXError, match="stop entries must be strings or token-id lists"):
+        generate(model, [[1, 2]], max_new_tokens=3, stop=[[1], 2.5])
+
+
+def test_cache_never_wraps_a_full_layer(hf_checkpoints):
+    """A full-attention cache asked to hold a position past its end drops it (no overwrite)."""
+    model = mn.load_model(hf_checkpoints["llama"][0], progress=False)
+    cache = init_cache(model.config, 1, 8)
+    _, cache = model.forward(jnp.arange(8, dtype=jnp.int32)[None], None, None, cache)
+    before = np.asarray(cache.layers[0].k)
+    _, cache = model.forward(
+        jnp.asarray([[3]], jnp.int32), jnp.asarray([[8]], jnp.int32), None, cache
+    )
+    assert np.array_equal(np.asarray(cache.layers[0].k), before)
+    assert np.asarray(cache.layers[0].pos).tolist() == [list(range(8))]

@@ -256,3 +256,18 @@ def test_corrupt_orbax_marker(hf_checkpoints, tmp_path):
     (tmp_path / "o" / "mistral_nnx.json").write_text("{")
     with pytest.raises(MistralNNXError, match="corrupt mistral_nnx checkpoint marker"):
         mn.load_model(tmp_path / "o")
+
+
+def test_bad_dtype_and_unsupported_tensor_dtype(hf_checkpoints, tmp_path):
+    directory, hf_model = hf_checkpoints["llama"]
+    with pytest.raises(MistralNNXError, match="dtype must be a floating dtype.*'bf16'"):
+        mn.load_model(directory, dtype="bf16")
+    with pytest.raises(MistralNNXError, match="param_dtype must be a floating dtype"):
+        mn.load_model(directory, param_dtype="int8")
+    d = _copy(directory, tmp_path / "f8")
+    tensors = {k: v.to(torch.float8_e4m3fn) for k, v in hf_model.state_dict().items()}
+    from safetensors.torch import save_file as save_torch
+
+    save_torch(tensors, d / "model.safetensors")
+    with pytest.raises(MistralNNXError, match="has dtype F8_E4M3, which is not supported"):
+        mn.load_model(d)

@@ -65,3 +65,34 @@ def test_greedy_32_tokens_identical(ours, smollm2_hf):
         model.config = model.config.replace(eos_token_ids=model_eos)
     assert out.tokens == ref
     assert "Paris" in tokenizer.decode(out.tokens)
+
+
+@pytest.mark.parametrize("decode_steps", [3, 32])
+def test_stop_strings_cut_text_and_tokens(ours, decode_steps):
+    """A stop string ends generation: the text stops before it, no streamed piece ever showed
+    part of it, and the tokens end at the one that completed it."""
+    from mistral_nnx.engine import EngineOptions, stream
+
+    model, tokenizer = ours
+    ids = tokenizer.encode_chat(MESSAGES)
+    options = EngineOptions(decode_steps=decode_steps)
+    free = generate(model, [ids], tokenizer=tokenizer, max_new_tokens=24, options=options)[0]
+    text = free.text
+    assert text is not None and len(text) > 12
+    stop = text[8:11]  # three characters from the middle of the answer
+    cut = text.find(stop)
+    pieces = []
+    out = None
+    for delta in stream(
+        model, [ids], tokenizer=tokenizer, max_new_tokens=24, stop=stop, options=options
+    ):
+        pieces.append(delta.text or "")
+    out = generate(
+        model, [ids], tokenizer=tokenizer, max_new_tokens=24, stop=[stop, "zzqx"], options=options
+    )[0]
+    assert "".join(pieces) == text[:cut] == out.text
+    assert out.finish_reason == "stop"
+    # The tokens end exactly where the decoded text first contains the stop string.
+    n = len(out.tokens)
+    assert out.tokens == free.tokens[:n]
+    assert stop in tokenizer.decode(out.tokens) and stop not in tokenizer.decode(out.tokens[:-1])

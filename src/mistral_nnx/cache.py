@@ -23,20 +23,10 @@ class LayerKV:
     v: jax.Array  # [B, C, K, E]
     pos: jax.Array  # [B, C] int32, absolute position held by each slot, -1 = empty
     ring: bool = dataclasses.field(metadata=dict(static=True), default=False)
-    # Slots attention reads in a full-attention layer: the engine sets a bucket above every
-    # position filled so far, so a long buffer is not read whole at every step. None = all.
-    live: int | None = dataclasses.field(metadata=dict(static=True), default=None)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[1]
-
-    def readable(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(k, v, pos) of the slots that may hold keys: a ring whole, else the live prefix."""
-        if self.ring or self.live is None or self.live >= self.capacity:
-            return self.k, self.v, self.pos
-        n = self.live
-        return self.k[:, :n], self.v[:, :n], self.pos[:, :n]
 
     def can_write_before_read(self, num_new: int) -> bool:
         """Writing a chunk before attending is safe unless a ring buffer would overwrite keys
@@ -50,6 +40,8 @@ class LayerKV:
         c = self.capacity
         newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
         keep = valid & (positions > newest - c)
+        if not self.ring:
+            keep &= positions < c  # past the end: dropped, never wrapped onto older entries
         slot = jnp.where(keep, positions % c, c)  # c is out of range: mode="drop" skips it
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
         return LayerKV(
@@ -57,7 +49,6 @@ class LayerKV:
             v=self.v.at[rows, slot].set(v.astype(self.v.dtype), mode="drop"),
             pos=self.pos.at[rows, slot].set(positions.astype(jnp.int32), mode="drop"),
             ring=self.ring,
-            live=self.live,
         )
 
 
@@ -73,9 +64,6 @@ class KVCache:
             if any(not layer.ring for layer in self.layers)
             else 2**31 - 1
         )
-
-    def with_live(self, live: int | None) -> KVCache:
-        return KVCache(tuple(dataclasses.replace(layer, live=live) for layer in self.layers))
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
@@ -116,4 +104,4 @@ def _zeros(
 ) -> jax.Array:
     if sharding is None:
         return jnp.zeros(shape, dtype)
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding(shape, axes))()
+    return jnp.zeros(shape, dtype, device=sharding(shape, axes))  # made in place, per shard

@@ -239,9 +239,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history.clear()
             print("[history cleared]", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        reply = _print_completion(model, tokenizer, tokenizer.encode_chat(system + history), args)
-        history.append({"role": "assistant", "content": reply})
+        try:
+            ids = tokenizer.encode_chat(system + history + [{"role": "user", "content": text}])
+            reply = _print_completion(model, tokenizer, ids, args)
+        except MistralNNXError as e:  # e.g. the history outgrew the cache: keep the session
+            print(f"mistral-nnx: error: {e} (/reset clears the history)", file=sys.stderr)
+            continue
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

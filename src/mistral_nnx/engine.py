@@ -60,6 +60,20 @@ class EngineOptions:
     decode_steps: int = 32  # decode steps per host round trip
     min_bucket: int = 16  # smallest prompt-length bucket
 
+    def __post_init__(self) -> None:
+        for name in ("prefill_chunk", "decode_steps", "min_bucket"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise MistralNNXError(
+                    f"EngineOptions.{name} must be a positive integer, got {value!r}"
+                )
+        if self.max_seq_len is not None and (
+            not isinstance(self.max_seq_len, int) or self.max_seq_len < 1
+        ):
+            raise MistralNNXError(
+                f"EngineOptions.max_seq_len must be a positive integer, got {self.max_seq_len!r}"
+            )
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +235,7 @@ def _model_sharder(model: Mistral) -> Sharder | None:
 
 
 def _prepare_prompts(
-    prompts: Sequence[str | Sequence[int]], tokenizer: Tokenizer | None
+    prompts: Sequence[str | Sequence[int]], tokenizer: Tokenizer | None, vocab_size: int
 ) -> list[list[int]]:
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise MistralNNXError("prompts must be a non-empty list of strings or token-id lists")
@@ -235,6 +249,11 @@ def _prepare_prompts(
             ids = [int(t) for t in p]
         if not ids:
             raise MistralNNXError(f"prompts[{i}] is empty")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise MistralNNXError(
+                f"prompts[{i}] has token id {bad[0]} outside the vocabulary (0..{vocab_size - 1})"
+            )
         out.append(ids)
     return out
 
@@ -248,6 +267,10 @@ def _stop_rules(
     """Token-id stop sequences go to the device; stop strings are matched on the host text."""
     sequences: list[list[int]] = []
     strings: list[str] = []
+    if isinstance(stop, str) or (
+        isinstance(stop, Sequence) and stop and all(isinstance(t, int) for t in stop)
+    ):
+        stop = [stop]  # type: ignore[list-item]  # one stop string / one token sequence
     for s in stop or ():
         if isinstance(s, str):
             if tokenizer is None:
@@ -256,6 +279,8 @@ def _stop_rules(
                 raise MistralNNXError("stop strings must not be empty")
             strings.append(s)
         else:
+            if not isinstance(s, Sequence) or not all(isinstance(t, int) for t in s):
+                raise MistralNNXError(f"stop entries must be strings or token-id lists, got {s!r}")
             seq = [int(t) for t in s]
             if not seq:
                 raise MistralNNXError("stop token sequences must not be empty")
@@ -290,7 +315,7 @@ def stream(
     sampling_params = SamplingParams(temperature, top_k, top_p, min_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise MistralNNXError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    ids = _prepare_prompts(prompts, tokenizer)
+    ids = _prepare_prompts(prompts, tokenizer, model.config.vocab_size)
     config = model.config
     b = len(ids)
     lengths = [len(p) for p in ids]
@@ -312,8 +337,8 @@ def stream(
     cache_sharding = None if sharder is None else functools.partial(sharder, strict=False)
     cache = init_cache(config, b, cache_len, model.dtype, cache_sharding)
     tokens = np.zeros((b, prompt_len), np.int32)
-    for row, p in enumerate(ids):
-        tokens[row, : len(p)] = p
+    for i, p in enumerate(ids):
+        tokens[i, : len(p)] = p
     lengths_arr = jnp.asarray(lengths, jnp.int32)
     chunk = min(prompt_len, options.prefill_chunk)
     last_logits = jnp.zeros((b, config.vocab_size), jnp.float32)
@@ -344,10 +369,7 @@ def stream(
     state, out_tok, out_lp = _start(last_logits, state, sampling, rules)
     first_token_time = None
 
-    detoks = [StreamDetokenizer(tokenizer) if tokenizer else None for _ in range(b)]
-    texts = ["" for _ in range(b)]
-    finished = [False] * b
-    emitted = [0] * b
+    rows = [_RowOutput(tokenizer, stop_strings) for _ in range(b)]
     generated = 0
     while True:
         tok_np, lp_np = host_local_array(out_tok), host_local_array(out_lp)
@@ -355,29 +377,20 @@ def stream(
         if first_token_time is None:
             first_token_time = time.perf_counter() - t0
         force_done = []
-        for row in range(b):
-            if finished[row]:
+        for i, row in enumerate(rows):
+            if row.finished:
                 continue
-            new = [int(t) for t in tok_np[row] if t >= 0]
-            generated += len(new)
-            emitted[row] += len(new)
-            lps = [float(x) for x, t in zip(lp_np[row], tok_np[row], strict=True) if t >= 0]
-            reason = _FINISH_NAMES.get(int(finish_np[row])) if done_np[row] else None
-            text = None
-            detok = detoks[row]
-            if detok is not None:
-                text = detok.add(new) + (detok.flush() if reason else "")
-                cut = _find_stop(texts[row] + text, stop_strings, len(texts[row]))
-                if cut is not None:
-                    text = (texts[row] + text)[:cut][len(texts[row]) :]
-                    reason = "stop"
-                    force_done.append(row)
-                texts[row] += text
-            if reason:
-                finished[row] = True
-            if new or reason:
-                yield Delta(row, new, text, lps if logprobs else None, reason)
-        if all(finished):
+            valid = tok_np[i] >= 0
+            new = [int(t) for t in tok_np[i][valid]]
+            lps = [float(x) for x in lp_np[i][valid]]
+            reason = _FINISH_NAMES.get(int(finish_np[i])) if done_np[i] else None
+            delta = row.advance(i, new, lps, reason, logprobs)
+            generated += len(delta.tokens)
+            if delta.finish_reason == "stop" and reason is None:
+                force_done.append(i)  # a stop string ended it: tell the device
+            if delta.tokens or delta.text or delta.finish_reason:
+                yield delta
+        if all(row.finished for row in rows):
             break
         if force_done:
             mask = np.zeros(b, bool)
@@ -387,10 +400,6 @@ def stream(
                 done=state.done | jnp.asarray(mask),
                 finish=jnp.where(jnp.asarray(mask), FINISH_STOP, state.finish),
             )
-        # Full-attention layers read only a power-of-two prefix above every position this
-        # chunk can reach: a long cache is not read whole at every step (a few compiles in all).
-        reach = max(n + e for n, e in zip(lengths, emitted, strict=True)) + options.decode_steps
-        cache = cache.with_live(min(cache_len, _bucket(reach, 64, 1 << 30)))
         cache, state, out_tok, out_lp = _decode(
             graphdef, params, cache, state, sampling, rules, options.decode_steps, sharder
         )
@@ -409,14 +418,65 @@ def stream(
         )
 
 
-def _find_stop(text: str, stop_strings: list[str], new_from: int) -> int | None:
-    """Index where the earliest stop string begins, searching only where new text could match."""
-    best = None
-    for s in stop_strings:
-        i = text.find(s, max(0, new_from - len(s) + 1))
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best
+class _RowOutput:
+    """Host-side bookkeeping of one sequence: incremental text and stop strings.
+
+    Text that could be the start of a stop string is held back until it is known not to be, so
+    a stop string split across chunks never leaks its first part; when a stop string completes,
+    the text is cut before it and the tokens after the one that completed it are dropped.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, stop_strings: list[str]) -> None:
+        self.detok = StreamDetokenizer(tokenizer) if tokenizer is not None else None
+        self.stops = stop_strings
+        self.text = ""  # all text decoded so far, including held-back text
+        self.released = 0  # how much of it has been yielded
+        self.finished = False
+
+    def advance(
+        self, index: int, tokens: list[int], lps: list[float], reason: str | None, want_lp: bool
+    ) -> Delta:
+        if self.detok is None:
+            self.finished = reason is not None
+            return Delta(index, tokens, None, lps if want_lp else None, reason)
+        kept = len(tokens)
+        if self.stops:
+            for n, token in enumerate(tokens):  # token by token, to know which one stopped
+                self.text += self.detok.add([token])
+                if n == len(tokens) - 1 and reason:
+                    self.text += self.detok.flush()
+                if self._stop_at() is not None:
+                    kept, reason = n + 1, "stop"
+                    break
+        else:
+            self.text += self.detok.add(tokens) + (self.detok.flush() if reason else "")
+        cut = self._stop_at()
+        if cut is not None:
+            end = cut
+        elif reason:
+            end = len(self.text)
+        else:
+            end = len(self.text) - self._held_back()
+        piece = self.text[self.released : end]
+        self.released = end
+        self.finished = reason is not None
+        return Delta(index, tokens[:kept], piece, lps[:kept] if want_lp else None, reason)
+
+    def _stop_at(self) -> int | None:
+        """Where the earliest stop string starts in the unreleased text, if one is complete."""
+        found = [i for s in self.stops if (i := self.text.find(s, self.released)) >= 0]
+        return min(found) if found else None
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        tail = self.text[self.released :]
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(tail)), best, -1):
+                if tail.endswith(s[:n]):
+                    best = n
+                    break
+        return best
 
 
 def generate(

@@ -8,6 +8,7 @@ E head_dim, M mlp, V vocab. Every parameter carries logical axis names (metadata
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -124,26 +125,48 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
 
         new_pos = jnp.where(valid, positions, -1)  # padding is never a key
+        window = self.window
         if cache is None:
-            keys, values, key_pos = k, v, new_pos
+            out = attend(q, k, v, positions, new_pos, window)
         elif cache.can_write_before_read(x.shape[1]):
             # Decode (or a full-attention layer): writing first overwrites nothing still needed.
             cache = cache.write(k, v, positions, valid)
-            keys, values, key_pos = cache.readable()
+            out = attend_filled(q, cache, positions, window, dt)
         else:
             # A ring buffer taking a multi-token chunk: attend over the old entries plus the
             # chunk, then keep the newest entries.
-            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+            keys = jnp.concatenate([cache.k.astype(dt), k], axis=1)
+            values = jnp.concatenate([cache.v.astype(dt), v], axis=1)
             key_pos = jnp.concatenate([cache.pos, new_pos], axis=1)
             cache = cache.write(k, v, positions, valid)
+            out = attend(q, keys, values, positions, key_pos, window)
 
-        out = attend(q, keys.astype(dt), values.astype(dt), positions, key_pos, self.window)
         # One matmul over (heads x head_dim): the equivalent einsum makes XLA's CPU backend
         # copy wo in every layer at every step.
         b, t, h, e = out.shape
         out = out.reshape(b, t, h * e) @ self.wo[...].astype(dt).reshape(h * e, -1)
         return out, cache
+
+
+def attend_filled(
+    q: jax.Array, cache: LayerKV, q_pos: jax.Array, window: int | None, dtype: Dtype
+) -> jax.Array:
+    """Attention over a cache the new keys are already in. A long full-attention buffer is read
+    only up to a prefix covering every filled slot (slot = position < max query position + 1):
+    the prefix size is chosen on the device among a few static sizes, so nothing recompiles as
+    the sequence grows."""
+    c = cache.capacity
+    sizes = [n for n in (c // 8, c // 4, c // 2) if n >= 64] + [c]
+
+    def read(n: int) -> Callable[[], jax.Array]:
+        k, v, pos = cache.k[:, :n], cache.v[:, :n], cache.pos[:, :n]
+        return lambda: attend(q, k.astype(dtype), v.astype(dtype), q_pos, pos, window)
+
+    if cache.ring or len(sizes) == 1:
+        return read(c)()
+    reach = jnp.max(q_pos) + 1
+    branch = jnp.sum(reach > jnp.asarray(sizes[:-1]))  # the first size that holds `reach`
+    return jax.lax.switch(branch, [read(n) for n in sizes])
 
 
 def attend(

@@ -368,6 +368,28 @@ def _load_gguf(path: Path) -> HFTokenizer:
 # --------------------------------------------------------------------------- loading
 
 
+def _has_mistral_common() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mistral_common") is not None
+
+
+def _mistral_common_file(path: Path) -> Path | None:
+    """The mistral-common tokenizer file of a checkpoint directory, if it has one."""
+    tekken = path / "tekken.json"
+    if tekken.is_file():
+        return tekken
+    versioned = sorted(path.glob("tokenizer.model.v*"))
+    if len(versioned) > 1:
+        names = ", ".join(p.name for p in versioned)
+        raise MistralNNXError(f"{path}: several tokenizer files ({names}); pass one of them")
+    if versioned:
+        return versioned[0]
+    if (path / "tokenizer.model").is_file() and (path / "params.json").is_file():
+        return path / "tokenizer.model"
+    return None
+
+
 def load_tokenizer(source: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer of a checkpoint directory, a GGUF file, or a tokenizer file."""
     path = Path(source)
@@ -376,17 +398,12 @@ def load_tokenizer(source: str | os.PathLike[str]) -> Tokenizer:
     if path.is_file():
         return _load_file(path)
 
-    tekken = path / "tekken.json"
-    if tekken.is_file():
-        return MistralCommonTokenizer(tekken)
-    versioned = sorted(path.glob("tokenizer.model.v*"))
-    if len(versioned) > 1:
-        names = ", ".join(p.name for p in versioned)
-        raise MistralNNXError(f"{path}: several tokenizer files ({names}); pass one of them")
-    if versioned:
-        return MistralCommonTokenizer(versioned[0])
-    if (path / "tokenizer.model").is_file() and (path / "params.json").is_file():
-        return MistralCommonTokenizer(path / "tokenizer.model")
+    mistral_file = _mistral_common_file(path)
+    if mistral_file is not None:
+        if _has_mistral_common() or not (path / "tokenizer.json").is_file():
+            return MistralCommonTokenizer(mistral_file)
+        # Without mistral-common (e.g. a machine that cannot install it), Mistral's HF repos
+        # also ship tokenizer.json with the same vocabulary and a chat template.
     if (path / "tokenizer.json").is_file():
         return _load_hf(path)
     ggufs = sorted(path.glob("*.gguf"))

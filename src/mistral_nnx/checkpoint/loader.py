@@ -26,7 +26,17 @@ from mistral_nnx.sharding import Rules, Sharder
 ORBAX_MARKER = "mistral_nnx.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "*.jinja", "tekken.json"]
+_HUB_TOKENIZER = ["*.json", "tokenizer.model*", "*.jinja"]
+
+
+def _hub_patterns(files: list[str]) -> list[str]:
+    """Download one weight format only: Mistral repos ship both HF shards and consolidated
+    files, and fetching both doubles the download."""
+    if any(f.startswith("model") and f.endswith(".safetensors") for f in files):
+        return [*_HUB_TOKENIZER, "model*.safetensors"]
+    if any(f.startswith("consolidated") and f.endswith(".safetensors") for f in files):
+        return [*_HUB_TOKENIZER, "consolidated*.safetensors"]
+    return _HUB_TOKENIZER + ["*.safetensors"]
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
@@ -37,9 +47,10 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     text = str(source)
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
         try:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import HfApi, snapshot_download
 
-            return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+            patterns = _hub_patterns(HfApi().list_repo_files(text))
+            return Path(snapshot_download(text, allow_patterns=patterns))
         except Exception as e:  # network, auth, missing repo: all end the same way for a user
             raise MistralNNXError(
                 f"cannot download '{text}' from the Hugging Face hub ({type(e).__name__}); "
@@ -102,8 +113,8 @@ def load_model(
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With a
     `mesh`, every tensor goes straight into its shards under `rules` (a preset name or mapping).
     """
-    dtype = jnp.dtype(dtype)
-    param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype)
+    dtype = _float_dtype(dtype, "dtype")
+    param_dtype = dtype if param_dtype is None else _float_dtype(param_dtype, "param_dtype")
     path = resolve_source(source)
     fmt = detect_format(path)
     sharder = Sharder(mesh, rules) if mesh is not None else None
@@ -145,6 +156,18 @@ def attach_sharder(model: Mistral, sharder: Sharder | None) -> Mistral:
     if sharder is not None:
         model.sharder = sharder
     return model
+
+
+def _float_dtype(value: Any, name: str) -> Any:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise MistralNNXError(
+            f"{name} must be a floating dtype such as 'float32' or 'bfloat16', got {value!r}"
+        )
+    return dtype
 
 
 def abstract_model(config: MistralConfig, dtype: Any, param_dtype: Any) -> Mistral:
@@ -217,16 +240,16 @@ def place_tensors(
         return path, value
 
     # Reading and re-layout of the next tensor run in a thread while this one is placed.
-    for prepared in _prefetch(tensors, prepare):
-        if prepared is None:
-            continue
-        path, value = prepared
-        var = targets[path]
-        sharding = param_sharding(var, sharder, ".".join(map(str, path)))
-        var.set_value(_place(value, param_dtype, sharding))
-        loaded.add(path)
-        bar.update()
-    bar.close()
+    with bar:
+        for prepared in _prefetch(tensors, prepare):
+            if prepared is None:
+                continue
+            path, value = prepared
+            var = targets[path]
+            sharding = param_sharding(var, sharder, ".".join(map(str, path)))
+            var.set_value(_place(value, param_dtype, sharding))
+            loaded.add(path)
+            bar.update()
     missing = [".".join(map(str, p)) for p in targets if p not in loaded]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -66,6 +66,9 @@ def save_model(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MistralNNXError(f"{path}: cannot write checkpoint ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,6 +66,11 @@ def read_header(path: Path) -> list[TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if isinstance(entry, dict) and entry.get("dtype") not in _DTYPES and "dtype" in entry:
+            raise MistralNNXError(
+                f"{path}: tensor '{name}' has dtype {entry['dtype']}, which is not supported "
+                f"(supported: {', '.join(_DTYPES)})"
+            )
         try:
             dtype = _DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
