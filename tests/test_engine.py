@@ -155,17 +155,24 @@ def test_logprobs_are_the_model_distribution(window16):
 
 
 def test_stream_yields_increments(window16):
-    model, _ = window16
+    """Chunks of decode_steps tokens per row, which join to transformers' greedy tokens."""
+    model, hf_model = window16
     prompts = [_ids(5, 1), _ids(9, 2)]
     options = EngineOptions(decode_steps=4)
-    whole = generate(model, prompts, max_new_tokens=13, options=options)
-    pieces: dict[int, list[int]] = {0: [], 1: []}
-    events = 0
+    pieces: dict[int, list[list[int]]] = {0: [], 1: []}
     for delta in stream(model, prompts, max_new_tokens=13, options=options):
-        pieces[delta.index].extend(delta.tokens)
-        events += 1
-    assert events >= 8  # 1 + 12 tokens in chunks of 4 for two rows
-    assert [pieces[0], pieces[1]] == [w.tokens for w in whole]
+        pieces[delta.index].append(delta.tokens)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf_model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=13,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
+        assert [len(p) for p in pieces[row]] == [1, 4, 4, 4]  # first token, then chunks of 4
+        assert sum(pieces[row], []) == ref
 
 
 def test_capacity_errors(window16):
