@@ -240,3 +240,28 @@ def test_cache_never_wraps_a_full_layer(hf_checkpoints):
     )
     assert np.array_equal(np.asarray(cache.layers[0].k), before)
     assert np.asarray(cache.layers[0].pos).tolist() == [list(range(8))]
+
+
+def test_long_full_cache_reads_growing_prefixes(hf_checkpoints):
+    """A 1024-slot full-attention cache is read through prefixes of 256 / 512 / 1024 slots,
+    picked on the device: decoding across the 256 boundary stays exact, in one compile."""
+    from mistral_nnx.model import PREFIX_MIN
+
+    directory, hf_model = hf_checkpoints["llama"]
+    model = mn.load_model(directory, progress=False)
+    ids = _ids(300, 9)
+    reference = _hf_full_logits(hf_model, ids)
+    cache = init_cache(model.config, 1, 1024)
+    assert 1024 // 4 == PREFIX_MIN  # so the prefixes are 256, 512 and 1024 slots
+    step = jax.jit(lambda tok, pos, cache: model.forward(tok, pos, None, cache))
+    logits, cache = step(
+        jnp.asarray([ids[:240]], jnp.int32), jnp.arange(240, dtype=jnp.int32)[None], cache
+    )
+    got = [np.asarray(logits[0])]
+    for i in range(240, 300):
+        logits, cache = step(
+            jnp.asarray([[ids[i]]], jnp.int32), jnp.asarray([[i]], jnp.int32), cache
+        )
+        got.append(np.asarray(logits[0]))
+    assert np.abs(np.concatenate(got) - reference).max() < 1e-4
+    assert step._cache_size() == 2  # the prefill shape and the decode shape, nothing more

@@ -22,6 +22,9 @@ from mistral_nnx.sharding import Sharder, constrain
 
 Dtype = Any
 
+# attend_filled reads prefixes of at least this many slots (smaller caches are read whole).
+PREFIX_MIN = 256
+
 
 def _param(
     rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Dtype, fan_in: int
@@ -156,7 +159,7 @@ def attend_filled(
     the prefix size is chosen on the device among a few static sizes, so nothing recompiles as
     the sequence grows."""
     c = cache.capacity
-    sizes = [n for n in (c // 8, c // 4, c // 2) if n >= 64] + [c]
+    sizes = [n for n in (c // 8, c // 4, c // 2) if n >= PREFIX_MIN] + [c]
 
     def read(n: int) -> Callable[[], jax.Array]:
         k, v, pos = cache.k[:, :n], cache.v[:, :n], cache.pos[:, :n]
