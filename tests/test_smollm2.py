@@ -96,3 +96,18 @@ def test_stop_strings_cut_text_and_tokens(ours, decode_steps):
     n = len(out.tokens)
     assert out.tokens == free.tokens[:n]
     assert stop in tokenizer.decode(out.tokens) and stop not in tokenizer.decode(out.tokens[:-1])
+
+
+def test_convert_gguf_to_orbax_keeps_tokenizer(ours, smollm2_path, tmp_path):
+    from mistral_nnx.cli import main
+
+    model, tokenizer = ours
+    assert main(["convert", str(smollm2_path), str(tmp_path / "smol")]) == 0
+    converted = mn.load_model(tmp_path / "smol", progress=False)
+    carried = load_tokenizer(tmp_path / "smol")
+    ids = tokenizer.encode_chat(MESSAGES)
+    assert carried.encode_chat(MESSAGES) == ids
+    assert carried.eos_ids == tokenizer.eos_ids
+    a = generate(model, [ids], tokenizer=tokenizer, max_new_tokens=12)[0]
+    b = generate(converted, [ids], tokenizer=carried, max_new_tokens=12)[0]
+    assert a.tokens == b.tokens and a.text == b.text
