@@ -7,6 +7,7 @@ E head_dim, M mlp, V vocab. Every parameter carries logical axis names (metadata
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -293,6 +294,19 @@ class Mistral(nnx.Module):
         """The full call. With `cache`, keys/values of earlier tokens come from it and the new
         ones are written into it. With `logit_index` [B], only the logits of that position of
         each row are computed: [B, vocab]."""
+        # float32 compute means float32 matmuls: GPUs otherwise use TF32 for them by default.
+        exact = jnp.dtype(self.dtype) == jnp.float32
+        with jax.default_matmul_precision("highest") if exact else contextlib.nullcontext():
+            return self._forward(tokens, positions, valid, cache, logit_index)
+
+    def _forward(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None,
+        valid: jax.Array | None,
+        cache: KVCache | None,
+        logit_index: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
