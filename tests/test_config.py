@@ -60,8 +60,6 @@ MINISTRAL_PATTERN_SPELLINGS = {
     "128k-for-full": [131072, 32768, 32768, 32768],
 }
 
-# Known config.py bugs (reported, not fixed here); strict so the marker must go once fixed.
-
 
 def read(model: str, name: str) -> dict[str, Any]:
     return json.loads((DATA / model / name).read_text())
