@@ -141,3 +141,29 @@ def test_jit_over_split_state(hf_checkpoints):
 
     tokens = jnp.asarray(_tokens())
     assert np.abs(np.asarray(forward(state, tokens)) - np.asarray(model(tokens))).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ],
+)
+def test_rope_scaling_matches_transformers(tmp_path, scaling):
+    from conftest import build_hf
+
+    hf_model = build_hf("llama", tmp_path / "m", seed=3, rope_scaling=scaling, rope_theta=10000.0)
+    model = mn.load_model(tmp_path / "m", progress=False)
+    assert model.config.rope_scaling_dict["rope_type"] == scaling["rope_type"]
+    tokens = _tokens(1, 96)
+    out = np.asarray(model(jnp.asarray(tokens)))
+    assert np.abs(out - _reference(hf_model, tokens)).max() < 1e-4
+    model.config = model.config.replace(rope_scaling=None)  # the scaling must matter
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - out).max() > 1e-3
