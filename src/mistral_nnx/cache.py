@@ -57,14 +57,6 @@ class LayerKV:
 class KVCache:
     layers: tuple[LayerKV, ...]
 
-    @property
-    def max_len(self) -> int:
-        return (
-            max(layer.capacity for layer in self.layers if not layer.ring)
-            if any(not layer.ring for layer in self.layers)
-            else 2**31 - 1
-        )
-
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 

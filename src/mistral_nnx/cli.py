@@ -175,20 +175,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _is_main_process() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
 def _print_completion(
     model: Any, tokenizer: Any, prompt: str | list[int], args: argparse.Namespace
 ) -> str:
     """Stream one completion to stdout (process 0 only), then the speed to stderr."""
+    from mistral_nnx.distributed import is_main_process
     from mistral_nnx.engine import EngineOptions, print_stats, stream
 
     stats: dict[str, float] = {}
-    main = _is_main_process()
+    main = is_main_process()
     text = ""
     for delta in stream(
         model,

@@ -229,11 +229,6 @@ def _bucket(n: int, minimum: int, chunk: int) -> int:
     return min(size, chunk)
 
 
-def _model_sharder(model: Mistral) -> Sharder | None:
-    """The mesh and rules the model was loaded with, if any (see load_model(mesh=...))."""
-    return model.sharder
-
-
 def _prepare_prompts(
     prompts: Sequence[str | Sequence[int]], tokenizer: Tokenizer | None, vocab_size: int
 ) -> list[list[int]]:
@@ -330,7 +325,7 @@ def stream(
     eos_ids = tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids
     rules, stop_strings = _stop_rules(stop, tokenizer, eos_ids, [max_new_tokens] * b)
     sampling = BatchSampling.from_params(sampling_params, b)
-    sharder = _model_sharder(model)
+    sharder = model.sharder  # the mesh + rules of load_model(mesh=...), if any
     graphdef, params = nnx.split(model)
 
     t0 = time.perf_counter()
