@@ -134,6 +134,17 @@ def test_generate_on_a_mesh():
     assert "6 are available" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def _fill_stats(stats: dict) -> None:
+    """What stream() reports, for a fake stream in chat tests."""
+    stats.update(
+        seconds=1.0,
+        tokens=1,
+        first_token_seconds=0.5,
+        tokens_per_second=1.0,
+        decode_tokens_per_second=1.0,
+    )
+
+
 def test_chat_history_and_reset(monkeypatch, capsys, smollm2_path):
     """Turns accumulate in the prompt (user and assistant), and /reset starts afresh."""
     import io
@@ -146,13 +157,7 @@ def test_chat_history_and_reset(monkeypatch, capsys, smollm2_path):
 
     def fake_stream(model, batch, **kwargs):
         prompts.append(tokenizer.decode(batch[0]))
-        kwargs["stats"].update(
-            seconds=1.0,
-            tokens=1,
-            first_token_seconds=0.5,
-            tokens_per_second=1.0,
-            decode_tokens_per_second=1.0,
-        )
+        _fill_stats(kwargs["stats"])
         yield engine.Delta(0, [1], f"reply{len(prompts)}", None, "stop")
 
     monkeypatch.setattr(cli, "_load", lambda args: (None, tokenizer))
@@ -183,13 +188,7 @@ def test_chat_survives_a_failed_turn(monkeypatch, capsys, smollm2_path):
         calls.append(tokenizer.decode(batch[0]))
         if len(calls) == 1:
             raise MistralNNXError("prompt of 900 tokens + max_new_tokens 256 exceeds the cache")
-        kwargs["stats"].update(
-            seconds=1.0,
-            tokens=1,
-            first_token_seconds=0.5,
-            tokens_per_second=1.0,
-            decode_tokens_per_second=1.0,
-        )
+        _fill_stats(kwargs["stats"])
         yield engine.Delta(0, [1], "ok", None, "stop")
 
     monkeypatch.setattr(cli, "_load", lambda args: (None, tokenizer))

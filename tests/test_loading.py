@@ -72,12 +72,10 @@ def _write_native(hf_model, directory: Path, params: dict) -> None:
     (directory / "params.json").write_text(json.dumps(params))
 
 
-def test_mistral_native_layout_matches_hf(hf_checkpoints, tmp_path):
-    directory, hf_model = hf_checkpoints["gqa_window16"]
-    hf_logits = _logits(mn.load_model(directory, progress=False))
-    params = {
+def _native_params(**fields: object) -> dict:
+    """params.json of the tiny conftest checkpoints (hidden 64, 4 heads, 2 kv heads)."""
+    base = {
         "dim": 64,
-        "n_layers": 3,
         "head_dim": 16,
         "hidden_dim": 128,
         "n_heads": 4,
@@ -85,8 +83,14 @@ def test_mistral_native_layout_matches_hf(hf_checkpoints, tmp_path):
         "norm_eps": 1e-5,
         "vocab_size": 211,
         "rope_theta": 10000.0,
-        "sliding_window": 16,
     }
+    return {**base, **fields}
+
+
+def test_mistral_native_layout_matches_hf(hf_checkpoints, tmp_path):
+    directory, hf_model = hf_checkpoints["gqa_window16"]
+    hf_logits = _logits(mn.load_model(directory, progress=False))
+    params = _native_params(n_layers=3, sliding_window=16)
     _write_native(hf_model, tmp_path / "native", params)
     native = mn.load_model(tmp_path / "native", progress=False)
     assert native.config.layer_windows == (16, 16, 16)
@@ -96,19 +100,7 @@ def test_mistral_native_layout_matches_hf(hf_checkpoints, tmp_path):
 def test_native_per_layer_window_list(hf_checkpoints, tmp_path):
     """params.json's window list (Ministral) gives the same network as HF layer_types."""
     directory, hf_model = hf_checkpoints["interleaved"]
-    params = {
-        "dim": 64,
-        "n_layers": 4,
-        "head_dim": 16,
-        "hidden_dim": 128,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "norm_eps": 1e-5,
-        "vocab_size": 211,
-        "rope_theta": 10000.0,
-        "max_seq_len": 512,
-        "sliding_window": [8, 8, 512, 8],
-    }
+    params = _native_params(n_layers=4, max_seq_len=512, sliding_window=[8, 8, 512, 8])
     _write_native(hf_model, tmp_path / "native", params)
     native = mn.load_model(tmp_path / "native", progress=False)
     assert native.config.layer_windows == (8, 8, None, 8)

@@ -13,6 +13,17 @@ from flax import nnx
 import mistral_nnx as mn
 
 SEQ = 64
+# A small random model for the tests that need no reference checkpoint.
+SMALL = mn.MistralConfig(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    layer_windows=(8, None),
+)
 
 
 def _tokens(batch: int = 2, seq: int = SEQ, seed: int = 0) -> np.ndarray:
@@ -89,16 +100,7 @@ def test_positions_and_padding_mask(hf_checkpoints):
 
 
 def test_random_init_is_not_degenerate():
-    config = mn.MistralConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        layer_windows=(8, None),
-    )
+    config = SMALL
     model = mn.Mistral(config, rngs=nnx.Rngs(1))
     logits = np.asarray(model(jnp.asarray(_tokens(2, 16) % 101)))
     assert np.isfinite(logits).all()
@@ -107,16 +109,7 @@ def test_random_init_is_not_degenerate():
 
 
 def test_every_parameter_has_logical_axes():
-    config = mn.MistralConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        layer_windows=(8, None),
-    )
+    config = SMALL
     model = mn.Mistral(config)
     known = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp"}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
