@@ -6,8 +6,9 @@
   `params.json`): `MistralCommonTokenizer`, whose chat encoding is mistral-common's own;
 - a Hugging Face `tokenizer.json`: `HFTokenizer` over the `tokenizers` library, with the chat
   template rendered by jinja2 the way transformers renders it;
-- a `.gguf` file: the same `HFTokenizer`, built from the vocabulary embedded in the GGUF by
-  transformers' GGUF tokenizer conversion (what `AutoTokenizer(..., gguf_file=...)` does).
+- a `.gguf` file: the same `HFTokenizer`, built from the vocabulary embedded in the GGUF the way
+  transformers' GGUF conversion builds it (`AutoTokenizer(..., gguf_file=...)`), by
+  `gguf_tokenizer.py` without transformers.
 
 `StreamDetokenizer` turns generated ids into text piece by piece without ever returning half a
 multi-byte character.
@@ -327,40 +328,17 @@ def _load_hf(directory: Path) -> HFTokenizer:
 
 
 def _load_gguf(path: Path) -> HFTokenizer:
-    """Build the tokenizer embedded in a GGUF through transformers' own GGUF conversion.
+    """The tokenizer embedded in a GGUF's metadata (its tensors are not read), built the way
+    transformers' GGUF conversion builds it, without transformers or torch."""
+    from mistral_nnx.checkpoint.gguf_metadata import read_gguf_metadata
+    from mistral_nnx.gguf_tokenizer import build_gguf_tokenizer
 
-    This reads the GGUF's metadata only (vocabulary, merges, special ids, chat template), never
-    its tensors, and gives the same tokenizer as `AutoTokenizer.from_pretrained(dir,
-    gguf_file=name)`.
-    """
-    try:
-        from transformers import PreTrainedTokenizerFast
-    except ImportError as err:
-        raise MistralNNXError(
-            f"{path}: reading a GGUF tokenizer needs the transformers package "
-            "(pip install transformers)"
-        ) from err
-    try:
-        hf = PreTrainedTokenizerFast.from_pretrained(
-            str(path.parent), gguf_file=path.name, local_files_only=True
-        )
-    except Exception as err:
-        raise MistralNNXError(
-            f"{path}: cannot build a tokenizer from it: {_one_line(err)}"
-        ) from err
-
-    special_tokens = {
-        name: str(value)
-        for name, value in hf.special_tokens_map.items()
-        if name in _SPECIAL_TOKEN_NAMES and isinstance(value, str)
-    }
-    # The eos token is `tokenizer.ggml.eos_token_id` of the GGUF.
-    eos_ids = [hf.eos_token_id] if isinstance(hf.eos_token_id, int) else []
+    parts = build_gguf_tokenizer(read_gguf_metadata(path), path)
     return HFTokenizer(
-        hf.backend_tokenizer,
-        chat_template=_pick_template(hf.chat_template),
-        special_tokens=special_tokens,
-        eos_ids=eos_ids,
+        parts.backend,
+        chat_template=parts.chat_template,
+        special_tokens=parts.special_tokens,
+        eos_ids=parts.eos_ids,
         source=str(path),
     )
 

@@ -1,0 +1,130 @@
+"""A GGUF file's key-value metadata, read without reading its tensors.
+
+gguf-py's `GGUFReader` also maps every tensor and wraps each string of a vocabulary in its own
+numpy view, which takes seconds for a 50k-token vocabulary; this reader walks the metadata section
+once with `struct` and stops before the tensor infos (tens of milliseconds).
+
+Layout (little-endian, GGUF v2 and v3): magic `GGUF`, u32 version, u64 tensor count, u64 pair
+count, then pairs of (string key, u32 value type, value). A string is a u64 byte length and UTF-8
+bytes; an array is a u32 element type, a u64 count and the elements.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mistral_nnx.errors import MistralNNXError
+
+__all__ = ["read_gguf_metadata"]
+
+_MAGIC = b"GGUF"
+_STRING, _ARRAY = 8, 9
+# value type -> (struct format, numpy dtype) for the fixed-size types
+_SCALARS: dict[int, tuple[str, str]] = {
+    0: ("<B", "<u1"),
+    1: ("<b", "<i1"),
+    2: ("<H", "<u2"),
+    3: ("<h", "<i2"),
+    4: ("<I", "<u4"),
+    5: ("<i", "<i4"),
+    6: ("<f", "<f4"),
+    7: ("<?", "<u1"),  # bool
+    10: ("<Q", "<u8"),
+    11: ("<q", "<i8"),
+    12: ("<d", "<f8"),
+}
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Cursor:
+    def __init__(self, data: bytes | mmap.mmap) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise _Truncated
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        length = self.take("<Q")
+        end = self.pos + length
+        if end > len(self.data):
+            raise _Truncated
+        raw = self.data[self.pos : end]
+        self.pos = end
+        return bytes(raw).decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            return self.array()
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown value type {kind}")
+        value = self.take(_SCALARS[kind][0])
+        return bool(value) if kind == 7 else value
+
+    def array(self) -> Any:
+        kind = self.take("<I")
+        count = self.take("<Q")
+        if kind == _STRING:
+            return [self.string() for _ in range(count)]
+        if kind == _ARRAY:
+            return [self.array() for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown array element type {kind}")
+        dtype = np.dtype(_SCALARS[kind][1])
+        end = self.pos + count * dtype.itemsize
+        if end > len(self.data):
+            raise _Truncated
+        values = np.frombuffer(self.data, dtype, count, self.pos).copy()
+        self.pos = end
+        return values.astype(bool).tolist() if kind == 7 else values.tolist()
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """Every metadata key of a GGUF file with its value (arrays as lists)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse(data, path)
+    except OSError as err:
+        raise MistralNNXError(f"{path}: cannot read: {err.strerror or err}") from None
+    except ValueError as err:  # mmap of an empty file
+        raise MistralNNXError(f"{path}: not a valid GGUF file ({err})") from None
+
+
+def _parse(data: mmap.mmap, path: Path) -> dict[str, Any]:
+    cursor = _Cursor(data)
+    try:
+        if bytes(data[:4]) != _MAGIC:
+            raise MistralNNXError(f"{path}: not a GGUF file (no GGUF magic)")
+        cursor.pos = 4
+        version = cursor.take("<I")
+        if version not in (2, 3):
+            raise MistralNNXError(
+                f"{path}: GGUF version {version} is not supported (2 and 3 are; a very large "
+                "number means a big-endian file)"
+            )
+        cursor.take("<Q")  # tensor count
+        pairs = cursor.take("<Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(pairs):
+            key = cursor.string()
+            metadata[key] = cursor.value(cursor.take("<I"))
+        return metadata
+    except _Truncated:
+        raise MistralNNXError(f"{path}: not a valid GGUF file or truncated") from None
+    except ValueError as err:
+        raise MistralNNXError(f"{path}: not a valid GGUF file ({err})") from None
