@@ -9,6 +9,7 @@ from mistral_nnx.model import Mistral
 from mistral_nnx.sampling import SamplingParams
 from mistral_nnx.sharding import make_mesh
 from mistral_nnx.tokenizer import Tokenizer, load_tokenizer
+from mistral_nnx.train.loss import loss
 
 __all__ = [
     "Completion",
@@ -23,6 +24,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "loss",
     "make_mesh",
     "save_model",
     "stream",

@@ -148,7 +148,7 @@ class Attention(nnx.Module):
         # One matmul over (heads x head_dim): the equivalent einsum makes XLA's CPU backend
         # copy wo in every layer at every step.
         b, t, h, e = out.shape
-        out = out.reshape(b, t, h * e) @ self.wo[...].astype(dt).reshape(h * e, -1)
+        out = jnp.dot(out.reshape(b, t, h * e), self.wo[...].astype(dt).reshape(h * e, -1))
         return out, cache
 
 
@@ -207,10 +207,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate = x @ self.gate[...].astype(dt)
-        up = x @ self.up[...].astype(dt)
+        # jnp.dot, not `@`: qwix (LoRA) intercepts jnp.dot / jnp.einsum, not jnp.matmul.
+        gate = jnp.dot(x, self.gate[...].astype(dt))
+        up = jnp.dot(x, self.up[...].astype(dt))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
-        return hidden @ self.down[...].astype(dt)
+        return jnp.dot(hidden, self.down[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
@@ -244,6 +245,19 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ("batch", None, "embed")), cache
 
 
+@nnx.remat
+def _remat_layer(
+    layer: DecoderLayer,
+    x: jax.Array,
+    positions: jax.Array,
+    valid: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+) -> tuple[jax.Array, None]:
+    """A decoder layer whose activations are recomputed in the backward pass (training)."""
+    return layer(x, positions, valid, cos, sin, None)
+
+
 class Mistral(nnx.Module):
     """Decoder-only transformer. `model(tokens)` -> float32 logits [B, T, vocab]."""
 
@@ -263,6 +277,8 @@ class Mistral(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.sharder: Sharder | None = None  # set by load_model(mesh=...); used by the engine
+        # "layer": recompute each decoder layer in the backward pass (nnx.remat); set by train.
+        self.remat: str | None = None
         d = config.hidden_size
         self.embed = _param(rngs, (config.vocab_size, d), ("vocab", "embed"), param_dtype, 1)
         self.layers = nnx.List(
@@ -317,9 +333,12 @@ class Mistral(nnx.Module):
         x = constrain(x, ("batch", None, "embed"))
         new_layers = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(
-                x, positions, valid, cos, sin, None if cache is None else cache.layers[i]
-            )
+            if self.remat == "layer" and cache is None:
+                x, layer_cache = _remat_layer(layer, x, positions, valid, cos, sin)
+            else:
+                x, layer_cache = layer(
+                    x, positions, valid, cos, sin, None if cache is None else cache.layers[i]
+                )
             new_layers.append(layer_cache)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]

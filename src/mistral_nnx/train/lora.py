@@ -1,0 +1,209 @@
+"""LoRA through google's qwix: `qwix.LoraProvider` + `qwix.apply_lora_to_model`.
+
+qwix intercepts the model's `jnp.einsum` / `jnp.dot` calls and adds `x @ A @ B * alpha / rank`
+to the projections whose module path matches a rule; A and B are `nnx.LoRAParam`s created on
+the model. Two small additions on top of qwix:
+- targets by weight name: qwix rules select modules, and our Attention / MLP modules each hold
+  several projections (wq, wk, wv, wo / gate, up, down), so the provider below also checks the
+  weight's full path ("layers/3/attn/wq") against the target regexes;
+- float32 adapters on any base dtype (qwix gives the adapters the base weight's dtype), with the
+  projection's output cast back to the compute dtype.
+The adapter shapes follow the weights' einsum layouts: A [in..., r], B [r, out...].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mistral_nnx.errors import MistralNNXError
+from mistral_nnx.model import Mistral
+
+# Short names (as in PEFT's target_modules for Mistral) -> our weight paths.
+SHORT_TARGETS = {
+    "q": r"layers/\d+/attn/wq",
+    "k": r"layers/\d+/attn/wk",
+    "v": r"layers/\d+/attn/wv",
+    "o": r"layers/\d+/attn/wo",
+    "gate": r"layers/\d+/mlp/gate",
+    "up": r"layers/\d+/mlp/up",
+    "down": r"layers/\d+/mlp/down",
+}
+ALL_TARGETS = tuple(SHORT_TARGETS)
+# Our weight name -> HF / PEFT module name.
+HF_MODULES = {
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """rank r, alpha (the update is scaled by alpha / r as in PEFT), dropout on the adapter
+    input, targets: short names (q, k, v, o, gate, up, down) or regexes over weight paths
+    such as "layers/0/attn/wq"."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ALL_TARGETS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise MistralNNXError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise MistralNNXError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MistralNNXError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.targets:
+            raise MistralNNXError("LoRA targets: at least one target is needed")
+        for t in self.targets:
+            try:
+                re.compile(SHORT_TARGETS.get(t, t))
+            except re.error as e:
+                raise MistralNNXError(f"LoRA target {t!r} is not a valid regex: {e}") from None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return tuple(SHORT_TARGETS.get(t, t) for t in self.targets)
+
+
+def _he_uniform_f32(key: jax.Array, shape: Sequence[int], dtype: Any = None) -> jax.Array:
+    del dtype  # adapters are float32 whatever the base dtype
+    return jax.nn.initializers.he_uniform()(key, shape, jnp.float32)
+
+
+def _zeros_f32(key: jax.Array, shape: Sequence[int], dtype: Any = None) -> jax.Array:
+    del key, dtype
+    return jnp.zeros(shape, jnp.float32)
+
+
+def _provider(config: LoraConfig) -> Any:
+    import qwix
+    from qwix._src.providers import ptq
+    from qwix._src.utils import flax_util
+
+    patterns = [re.compile(p) for p in config.patterns]
+
+    class TargetedLoraProvider(qwix.LoraProvider):  # type: ignore[misc]
+        """qwix's LoraProvider, restricted to weights whose path matches a target."""
+
+        def _targeted(self, rhs: Any) -> bool:
+            name = flax_util.find_param(rhs, ptq.WithAux)
+            if name is None:
+                return False
+            path = "/".join(map(str, flax_util.get_current_module_path())) + "/" + name
+            return any(p.fullmatch(path) for p in patterns)
+
+        def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
+            if len(operands) != 2 or not self._targeted(operands[1]):
+                return ptq.PtqProvider.einsum(self, einsum_str, *operands, **kwargs)
+            out = super().einsum(einsum_str, *operands, **kwargs)
+            return out.astype(operands[0].dtype)  # float32 adapters, compute dtype out
+
+        def dot_general(self, lhs: Any, rhs: Any, *args: Any, **kwargs: Any) -> jax.Array:
+            # In our model every jnp.dot inside a LoRA'd module takes a weight; wo is reshaped
+            # first, which qwix can only follow back to its parameter inside a jit trace.
+            if not isinstance(rhs, jax.core.Tracer) and flax_util.find_param(rhs) is None:
+                raise MistralNNXError(
+                    "a LoRA model must be called under jax.jit / nnx.jit (qwix finds reshaped "
+                    "weights only while tracing)"
+                )
+            if not self._targeted(rhs):
+                return ptq.PtqProvider.dot_general(self, lhs, rhs, *args, **kwargs)
+            return super().dot_general(lhs, rhs, *args, **kwargs).astype(lhs.dtype)
+
+    return TargetedLoraProvider(
+        module_path=r"layers/\d+/(attn|mlp)",
+        rank=config.rank,
+        alpha=float(config.alpha),
+        dropout=config.dropout,
+        lora_a_initializer=_he_uniform_f32,
+        lora_b_initializer=_zeros_f32,
+    )
+
+
+def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
+    """A copy of `model` with LoRA adapters (A random, B = 0, float32) on the target weights.
+
+    qwix creates the adapters while running the model once; that run is traced (nnx.jit) so
+    that qwix can follow a weight through reshapes back to its parameter.
+    """
+    import qwix
+
+    provider = _provider(config)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+
+    @nnx.jit
+    def build(m: Mistral) -> Mistral:
+        return qwix.apply_lora_to_model(m, provider, tokens, rngs=nnx.Rngs(params=seed))
+
+    lora_model: Mistral = build(model)
+    if not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(lora_model)):
+        raise MistralNNXError(f"LoRA targets {list(config.targets)} match no weight of the model")
+    lora_model.set_attributes(
+        qwix_rngs=nnx.Rngs(dropout=seed + 1) if config.dropout > 0 else None,
+        raise_if_not_found=False,
+    )
+    return lora_model
+
+
+def count_params(model: nnx.Module, kind: type = nnx.Param) -> int:
+    """Number of scalars in the model's variables of `kind` (nnx.LoRAParam: trainable)."""
+    state = nnx.state(model, kind)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def lora_pairs(model: Mistral) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{"layers/0/attn/wq": (A, B), ...}: A [in..., r], B [r, out...]."""
+    out: dict[str, Any] = {}
+    for path, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.LoRAParam):
+            name = "/".join(map(str, path))
+            base, _, ab = name.rpartition("_lora_")
+            out.setdefault(base, {})[ab] = v[...]
+    return {k: (d["a"], d["b"]) for k, d in out.items()}
+
+
+def merged_delta(weight_shape: tuple[int, ...], a: jax.Array, b: jax.Array) -> jax.Array:
+    """The weight update A @ B in the weight's layout (without the alpha / rank scaling).
+
+    Every target weight is [in..., out...] flattened by qwix as A [in, r], B [r, out] with in
+    the leading dims of the weight (wo [h, e, d] is used as [h*e, d])."""
+    r = a.shape[-1]
+    return (a.reshape(-1, r) @ b.reshape(r, -1)).reshape(weight_shape)
+
+
+def merge_lora(model: Mistral, scaling: float) -> Mistral:
+    """A plain Mistral (no adapters, no qwix interception) with W + scaling * A @ B, in the
+    base weights' dtype."""
+    pairs = lora_pairs(model)
+    current = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    plain = Mistral(model.config, dtype=model.dtype, abstract=True)
+    plain.sharder = model.sharder
+    graphdef, state = nnx.split(plain)
+    for path, var in nnx.to_flat_state(state):
+        value = current[path][...]
+        key = "/".join(map(str, path))
+        if key in pairs:
+            delta = merged_delta(value.shape, *pairs[key]) * scaling
+            value = (value.astype(jnp.float32) + delta).astype(value.dtype)
+        var.set_value(value)
+    merged: Mistral = nnx.merge(graphdef, state)
+    return merged
