@@ -84,7 +84,7 @@ class DecodeState:
     finish: jax.Array  # [B] FINISH_*
     count: jax.Array  # [B] tokens emitted so far
     history: jax.Array  # [B, L] the last L emitted tokens (for stop sequences), -1 = none
-    key: jax.Array
+    key: jax.Array  # [B] one PRNG key per row (or one key for all rows)
 
 
 @jax.tree_util.register_dataclass
@@ -147,12 +147,51 @@ def _finish_check(state: DecodeState, new: jax.Array, rules: StopRules) -> Decod
     )
 
 
+def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(next key, key to use now), for one key or one key per row."""
+    if key.ndim == 0:
+        key, sub = jax.random.split(key)
+        return key, sub
+    pairs = jax.vmap(jax.random.split)(key)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
+    """One PRNG key per row, so that a row's samples never depend on the other rows.
+
+    One seed for the batch: row i draws from (seed, i). A list: row i draws from (seed[i], 0), so
+    a request keeps its output whatever else is batched with it. Seeds are integers in
+    [0, 2**64); those below 2**32 give the same stream as `jax.random.key(seed)` folded with i.
+    """
+    if _is_int(seed):
+        seeds, indices = [int(seed)] * batch, list(range(batch))  # type: ignore[arg-type]
+    elif isinstance(seed, Sequence) and not isinstance(seed, str):
+        if len(seed) != batch or not all(_is_int(x) for x in seed):
+            raise MistralNNXError(
+                f"seed must be an integer or a list of {batch} integers (one per prompt), "
+                f"got {seed!r}"
+            )
+        seeds, indices = [int(x) for x in seed], [0] * batch
+    else:
+        raise MistralNNXError(f"seed must be an integer or a list of integers, got {seed!r}")
+    bad = [x for x in seeds if not 0 <= x < 2**64]
+    if bad:
+        raise MistralNNXError(f"seed must be in [0, 2**64), got {bad[0]}")
+    words = np.array([[x >> 32, x & 0xFFFFFFFF] for x in seeds], np.uint32)
+    keys = jax.vmap(jax.random.wrap_key_data)(jnp.asarray(words))
+    return jax.vmap(jax.random.fold_in)(keys, jnp.asarray(indices, jnp.uint32))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def _start(
     logits: jax.Array, state: DecodeState, sampling: BatchSampling, rules: StopRules
 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Sample the first new token from the prefill logits."""
-    key, sub = jax.random.split(state.key)
+    key, sub = _split(state.key)
     token, logprob = sample(logits, sub, sampling)
     state = _finish_check(dataclasses.replace(state, key=key), token, rules)
     return state, token[:, None], logprob[:, None]
@@ -186,7 +225,7 @@ def _decode(
                 cache,
                 logit_index=jnp.zeros((b,), jnp.int32),
             )
-            key, sub = jax.random.split(st.key)
+            key, sub = _split(st.key)
             token, logprob = sample(logits, sub, sampling)
             was_active = ~st.done
             st = _finish_check(
@@ -239,15 +278,29 @@ def _prepare_prompts(
         if isinstance(p, str):
             if tokenizer is None:
                 raise MistralNNXError(f"prompts[{i}] is a string but no tokenizer was given")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MistralNNXError(
+                    f"prompts[{i}] is not valid text (it holds lone surrogates, e.g. from "
+                    "undecodable bytes)"
+                ) from None
             ids = tokenizer.encode(p)
-        else:
+        elif isinstance(p, Sequence) or isinstance(p, np.ndarray):
+            if not all(_is_int(t) for t in p):
+                wrong = next(t for t in p if not _is_int(t))
+                raise MistralNNXError(f"prompts[{i}] holds {wrong!r}; token ids must be integers")
             ids = [int(t) for t in p]
+        else:
+            raise MistralNNXError(
+                f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}"
+            )
         if not ids:
             raise MistralNNXError(f"prompts[{i}] is empty")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
+        outside = [t for t in ids if not 0 <= t < vocab_size]
+        if outside:
             raise MistralNNXError(
-                f"prompts[{i}] has token id {bad[0]} outside the vocabulary (0..{vocab_size - 1})"
+                f"prompts[{i}] has token id {outside[0]} outside the vocabulary (0..{vocab_size - 1})"
             )
         out.append(ids)
     return out
@@ -258,12 +311,16 @@ def _stop_rules(
     tokenizer: Tokenizer | None,
     eos_ids: Sequence[int],
     max_new: list[int],
-) -> tuple[StopRules, list[str]]:
+) -> tuple[StopRules, list[str], list[list[int]]]:
     """Token-id stop sequences go to the device; stop strings are matched on the host text."""
     sequences: list[list[int]] = []
     strings: list[str] = []
+    if stop is not None and not isinstance(stop, (str, Sequence)):
+        raise MistralNNXError(
+            f"stop must be a string, a list of strings and/or token-id lists, or None; got {stop!r}"
+        )
     if isinstance(stop, str) or (
-        isinstance(stop, Sequence) and stop and all(isinstance(t, int) for t in stop)
+        isinstance(stop, Sequence) and stop and all(_is_int(t) for t in stop)
     ):
         stop = [stop]  # type: ignore[list-item]  # one stop string / one token sequence
     for s in stop or ():
@@ -274,7 +331,7 @@ def _stop_rules(
                 raise MistralNNXError("stop strings must not be empty")
             strings.append(s)
         else:
-            if not isinstance(s, Sequence) or not all(isinstance(t, int) for t in s):
+            if not isinstance(s, Sequence) or not all(_is_int(t) for t in s):
                 raise MistralNNXError(f"stop entries must be strings or token-id lists, got {s!r}")
             seq = [int(t) for t in s]
             if not seq:
@@ -286,7 +343,7 @@ def _stop_rules(
         row[width - len(seq) :] = seq
     eos = np.asarray(list(eos_ids) or [-3], np.int32)
     rules = StopRules(jnp.asarray(eos), jnp.asarray(table), jnp.asarray(max_new, jnp.int32))
-    return rules, strings
+    return rules, strings, sequences
 
 
 def stream(
@@ -299,21 +356,35 @@ def stream(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     stop: Sequence[str | Sequence[int]] | None = None,
     logprobs: bool = False,
     options: EngineOptions | None = None,
     stats: dict[str, float] | None = None,
 ) -> Iterator[Delta]:
-    """Generate for a batch of prompts, yielding each sequence's increments chunk by chunk."""
+    """Generate for a batch of prompts, yielding each sequence's increments chunk by chunk.
+
+    `seed` is one integer for the batch (row i samples from (seed, i)) or one per prompt (a row's
+    output then depends only on its prompt and its seed, never on the rest of the batch). The text
+    of a sequence that a stop string, a stop token sequence or EOS ended never holds that stop;
+    its `tokens` end with the token that stopped it.
+    """
     options = options or EngineOptions()
+    if not isinstance(options, EngineOptions):
+        raise MistralNNXError(f"options must be an EngineOptions, got {type(options).__name__}")
     sampling_params = SamplingParams(temperature, top_k, top_p, min_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise MistralNNXError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     ids = _prepare_prompts(prompts, tokenizer, model.config.vocab_size)
     config = model.config
     b = len(ids)
+    keys = row_keys(seed, b)
     lengths = [len(p) for p in ids]
+    if options.max_seq_len is not None and options.max_seq_len > config.max_position_embeddings:
+        raise MistralNNXError(
+            f"EngineOptions.max_seq_len {options.max_seq_len} exceeds the model's context length "
+            f"(max_position_embeddings {config.max_position_embeddings})"
+        )
     max_seq = options.max_seq_len or config.max_position_embeddings
     if max(lengths) + max_new_tokens > max_seq:
         raise MistralNNXError(
@@ -323,7 +394,9 @@ def stream(
     prompt_len = _bucket(max(lengths), options.min_bucket, options.prefill_chunk)
     cache_len = min(_bucket(prompt_len + max_new_tokens, 64, 1 << 30), max_seq)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids
-    rules, stop_strings = _stop_rules(stop, tokenizer, eos_ids, [max_new_tokens] * b)
+    rules, stop_strings, stop_sequences = _stop_rules(
+        stop, tokenizer, eos_ids, [max_new_tokens] * b
+    )
     sampling = BatchSampling.from_params(sampling_params, b)
     sharder = model.sharder  # the mesh + rules of load_model(mesh=...), if any
     graphdef, params = nnx.split(model)
@@ -359,12 +432,13 @@ def stream(
         finish=jnp.zeros((b,), jnp.int32),
         count=jnp.zeros((b,), jnp.int32),
         history=jnp.full((b, history_len), -1, jnp.int32),
-        key=jax.random.key(seed),
+        key=keys,
     )
     state, out_tok, out_lp = _start(last_logits, state, sampling, rules)
     first_token_time = None
 
-    rows = [_RowOutput(tokenizer, stop_strings) for _ in range(b)]
+    text_stops = stop_sequences + [[int(e)] for e in eos_ids]  # cut from the text like strings
+    rows = [_RowOutput(tokenizer, stop_strings, text_stops) for _ in range(b)]
     generated = 0
     while True:
         tok_np, lp_np = host_local_array(out_tok), host_local_array(out_lp)
@@ -414,16 +488,22 @@ def stream(
 
 
 class _RowOutput:
-    """Host-side bookkeeping of one sequence: incremental text and stop strings.
+    """Host-side bookkeeping of one sequence: incremental text, stop strings and stop tokens.
 
     Text that could be the start of a stop string is held back until it is known not to be, so
     a stop string split across chunks never leaks its first part; when a stop string completes,
-    the text is cut before it and the tokens after the one that completed it are dropped.
+    the text is cut before it and the tokens after the one that completed it are dropped. Stop
+    token sequences (EOS included) are cut from the text the same way: tokens that could begin
+    one are decoded only once it is known that they do not.
     """
 
-    def __init__(self, tokenizer: Tokenizer | None, stop_strings: list[str]) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer | None, stop_strings: list[str], stop_tokens: list[list[int]]
+    ) -> None:
         self.detok = StreamDetokenizer(tokenizer) if tokenizer is not None else None
         self.stops = stop_strings
+        self.stop_tokens = stop_tokens
+        self.pending: list[int] = []  # generated ids not decoded yet (may begin a stop sequence)
         self.text = ""  # all text decoded so far, including held-back text
         self.released = 0  # how much of it has been yielded
         self.finished = False
@@ -434,17 +514,19 @@ class _RowOutput:
         if self.detok is None:
             self.finished = reason is not None
             return Delta(index, tokens, None, lps if want_lp else None, reason)
+        held = len(self.pending)
+        to_decode = self._text_tokens(self.pending + tokens, reason)
         kept = len(tokens)
         if self.stops:
-            for n, token in enumerate(tokens):  # token by token, to know which one stopped
+            for n, token in enumerate(to_decode):  # token by token, to know which one stopped
                 self.text += self.detok.add([token])
-                if n == len(tokens) - 1 and reason:
+                if n == len(to_decode) - 1 and reason:
                     self.text += self.detok.flush()
                 if self._stop_at() is not None:
-                    kept, reason = n + 1, "stop"
+                    kept, reason = max(0, n + 1 - held), "stop"
                     break
         else:
-            self.text += self.detok.add(tokens) + (self.detok.flush() if reason else "")
+            self.text += self.detok.add(to_decode) + (self.detok.flush() if reason else "")
         cut = self._stop_at()
         if cut is not None:
             end = cut
@@ -456,6 +538,25 @@ class _RowOutput:
         self.released = end
         self.finished = reason is not None
         return Delta(index, tokens[:kept], piece, lps[:kept] if want_lp else None, reason)
+
+    def _text_tokens(self, ids: list[int], reason: str | None) -> list[int]:
+        """The ids whose text can be decoded now; the rest wait in `pending`."""
+        self.pending = []
+        if reason == "stop":  # the device stopped on EOS or a stop sequence: drop it
+            for seq in self.stop_tokens:
+                if len(ids) >= len(seq) and ids[len(ids) - len(seq) :] == seq:
+                    return ids[: len(ids) - len(seq)]
+            return ids
+        if reason:
+            return ids
+        hold = 0
+        for seq in self.stop_tokens:  # the longest tail that is a proper prefix of a sequence
+            for n in range(min(len(seq) - 1, len(ids)), hold, -1):
+                if ids[len(ids) - n :] == seq[:n]:
+                    hold = n
+                    break
+        self.pending = ids[len(ids) - hold :] if hold else []
+        return ids[: len(ids) - hold]
 
     def _stop_at(self) -> int | None:
         """Where the earliest stop string starts in the unreleased text, if one is complete."""
@@ -484,7 +585,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     stop: Sequence[str | Sequence[int]] | None = None,
     logprobs: bool = False,
     options: EngineOptions | None = None,
@@ -521,11 +622,14 @@ def generate(
     return results
 
 
-def print_stats(stats: dict[str, float]) -> None:
+def print_stats(stats: dict[str, float], *, since_launch: float | None = None) -> None:
+    """One line on stderr; `since_launch` adds the time since the command started (loading
+    included), the time the user actually waited."""
+    waited = f"; {since_launch:.2f} s since launch" if since_launch is not None else ""
     print(
         f"[{stats['tokens']:.0f} tokens in {stats['seconds']:.2f} s, "
         f"{stats['tokens_per_second']:.1f} tokens/s; first token after "
         f"{stats['first_token_seconds']:.2f} s, then "
-        f"{stats['decode_tokens_per_second']:.1f} tokens/s]",
+        f"{stats['decode_tokens_per_second']:.1f} tokens/s{waited}]",
         file=sys.stderr,
     )

@@ -92,7 +92,8 @@ class BatchSampling:
                 raise MistralNNXError(f"params[{i}] must be a SamplingParams, got {row!r}")
         return BatchSampling(
             temperature=jnp.asarray(np.array([r.temperature for r in rows], np.float32)),
-            top_k=jnp.asarray(np.array([r.top_k or 0 for r in rows], np.int32)),
+            # k beyond the vocabulary keeps everything; clamp so that it fits int32.
+            top_k=jnp.asarray(np.array([min(r.top_k or 0, 2**31 - 1) for r in rows], np.int32)),
             top_p=jnp.asarray(
                 np.array([1.0 if r.top_p is None else r.top_p for r in rows], np.float32)
             ),
@@ -144,6 +145,7 @@ def sample(
     top-k / top-p / min-p filtered distribution with `jax.random.categorical`. The same key gives
     the same tokens; split the key between decode steps. logprobs are those of the model's own
     distribution (log_softmax of the unmodified logits) at the chosen tokens, as vLLM returns.
+    `key` is one key for the batch, or one key per row (shape [B]).
     Jit-able: no Python branching on array values.
     """
     if logits.ndim != 2:
@@ -167,7 +169,10 @@ def sample(
         filters_on = (sampling.top_k > 0) | (sampling.top_p < 1.0) | (sampling.min_p > 0.0)
         needs_filter = jnp.any(filters_on & ~greedy)
         scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, sampling)
-        sampled = jax.random.categorical(key, scaled, axis=-1)
+        if key.ndim == 0:
+            sampled = jax.random.categorical(key, scaled, axis=-1)
+        else:  # one key per row: a row's draw never depends on the other rows
+            sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled)
         return jnp.where(greedy, argmax, sampled)
 
     # An all-greedy batch (the default) skips drawing [B, V] Gumbel noise as well.

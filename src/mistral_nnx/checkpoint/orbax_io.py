@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mistral_nnx import cleanup
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.errors import MistralNNXError
 from mistral_nnx.model import Mistral
@@ -29,6 +30,16 @@ from mistral_nnx.sharding import Sharder
 
 MARKER = "mistral_nnx.json"
 FORMAT_VERSION = 1
+# Tokenizer files a checkpoint may carry beside its weights (copied from the source).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "tekken.json",
+    "tokenizer.model",
+)
 
 
 def save_model(
@@ -38,13 +49,21 @@ def save_model(
     overwrite: bool = False,
     extra_files: Iterable[Path] = (),
 ) -> Path:
-    """Write `model` to `path` atomically; `extra_files` (tokenizer files) are copied beside."""
+    """Write `model` to `path` atomically; `extra_files` (tokenizer files) are copied beside.
+
+    With `overwrite`, only a checkpoint of this format is replaced, and only once the new one is
+    complete. Leftovers of an earlier write to the same path that was killed are removed first.
+    """
     path = Path(path).expanduser().absolute()
     if path.exists() and not overwrite:
         raise MistralNNXError(f"{path}: already exists (pass overwrite=True to replace it)")
+    if path.exists():
+        _check_replaceable(path)
     import orbax.checkpoint as ocp  # imported on use: it costs ~0.1 s and ~20 MB
 
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_leftovers(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    cleanup.track(tmp)
     try:
         tmp.mkdir(parents=True)
         state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -60,7 +79,7 @@ def save_model(
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=1))
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
@@ -72,12 +91,73 @@ def save_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        cleanup.untrack(tmp)
     return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a directory holding a checkpoint of this format (marker readable)."""
+    try:
+        read_marker(path)
+    except MistralNNXError:
+        return False
+    return True
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace anything but a checkpoint of ours holding only what save_model writes."""
+    if not path.is_dir() or not is_checkpoint(path):
+        raise MistralNNXError(
+            f"{path}: exists and is not a mistral_nnx checkpoint; refusing to overwrite it"
+        )
+    foreign = [
+        p.name for p in path.iterdir() if not (p.name in (MARKER, "state") or _is_tokenizer_file(p))
+    ]
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise MistralNNXError(
+            f"{path}: holds files that are not part of a checkpoint ({shown}); "
+            "refusing to overwrite it"
+        )
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    return path.is_file() and (
+        path.name in TOKENIZER_FILES or path.name.startswith("tokenizer.model.v")
+    )
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` left by a killed write whose process is gone; an
+    `.old-*` whose replacement never arrived is put back instead."""
+    for leftover in sorted(path.parent.glob(f".{path.name}.*-*")):
+        kind, _, rest = leftover.name[len(path.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old") or _process_alive(rest.split("-")[0]):
+            continue
+        if kind == "old" and not path.exists():
+            leftover.rename(path)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid_text: str) -> bool:
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_marker(path: Path) -> MistralConfig:
     try:
         marker = json.loads((path / MARKER).read_text())
+        if not isinstance(marker, dict):
+            raise ValueError
         if marker.get("format") != "mistral_nnx":
             raise ValueError
         if marker.get("version") != FORMAT_VERSION:
@@ -86,7 +166,7 @@ def read_marker(path: Path) -> MistralConfig:
                 f"not supported (this build reads {FORMAT_VERSION})"
             )
         return MistralConfig.from_dict(marker["config"])
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise MistralNNXError(f"{path / MARKER}: corrupt mistral_nnx checkpoint marker") from None
 
 
@@ -95,6 +175,7 @@ def load_orbax(path: Path, *, dtype: Any, param_dtype: Any, sharder: Sharder | N
 
     from mistral_nnx.checkpoint.loader import abstract_model, check_shardable, param_sharding
 
+    path = path.absolute()  # orbax refuses relative paths
     config = read_marker(path)
     model = abstract_model(config, dtype, param_dtype)
     check_shardable(model, sharder)
@@ -115,8 +196,8 @@ def load_orbax(path: Path, *, dtype: Any, param_dtype: Any, sharder: Sharder | N
             restored = ckptr.restore(path / "state", target)
     except Exception as e:  # orbax raises many types for missing / damaged files
         raise MistralNNXError(
-            f"{path}: cannot restore orbax state ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
+            f"{path}: cannot restore orbax state, the checkpoint is damaged "
+            f"({type(e).__name__}: {_short(str(e))})"
         ) from None
     for key, var in flat:
         node = restored
@@ -124,6 +205,13 @@ def load_orbax(path: Path, *, dtype: Any, param_dtype: Any, sharder: Sharder | N
             node = node[str(part)]
         var.set_value(node)
     return nnx.merge(graphdef, state)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """The first line of an error, cut to `limit` characters (TensorStore's errors quote whole
+    JSON specs)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _str_keys(tree: Any) -> Any:

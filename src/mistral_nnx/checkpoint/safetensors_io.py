@@ -130,8 +130,14 @@ def shard_files(directory: Path, index_name: str, single_name: str) -> list[Path
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise MistralNNXError(f"{index}: corrupt index (no 'weight_map')") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
+        ):
+            raise MistralNNXError(
+                f"{index}: corrupt index ('weight_map' must map tensor names to shard file names)"
+            )
         files = [directory / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.exists():
