@@ -315,38 +315,88 @@ def test_llama_config_ignores_sliding_window() -> None:
 
 # ---- refusals: one MistralNNXError naming the file and the field --------------------------------
 def test_unknown_model_type_is_refused(tmp_path: Path) -> None:
-    write_json(tmp_path / "config.json", {**read(V03, "config.json"), "model_type": "mixtral"})
+    write_json(tmp_path / "config.json", {**read(V03, "config.json"), "model_type": "gemma3"})
     with pytest.raises(MistralNNXError) as info:
         load_config(tmp_path)
     msg = str(info.value)
     assert str(tmp_path / "config.json") in msg
-    assert "model_type" in msg and "mixtral" in msg
+    assert "model_type" in msg and "gemma3" in msg
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        {
-            "rope_scaling": {
-                "type": "yarn",
-                "factor": 4.0,
-                "original_max_position_embeddings": 32768,
-            }
-        },
-        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
-        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0}},
+        {"rope_scaling": {"type": "longrope", "factor": 4.0}},
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+        {"rope_parameters": {"rope_type": "su", "rope_theta": 1000000.0, "factor": 4.0}},
     ],
 )
-def test_yarn_rope_scaling_is_refused(change: dict[str, Any]) -> None:
-    with pytest.raises(MistralNNXError, match="yarn") as info:
+def test_unknown_rope_types_are_refused(change: dict[str, Any]) -> None:
+    with pytest.raises(MistralNNXError) as info:
         MistralConfig.from_hf({**read(V03, "config.json"), **change})
-    assert "rope" in str(info.value)
+    msg = str(info.value)
+    assert "rope scaling type" in msg and "supported" in msg and "\n" not in msg
 
 
-def test_params_json_yarn_is_refused() -> None:
-    data = {**read(V03, "params.json"), "yarn": {"factor": 4.0}}
-    with pytest.raises(MistralNNXError, match=r"params\.json.*rope scaling"):
-        MistralConfig.from_mistral(data)
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}},
+        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}},
+    ],
+)
+def test_yarn_is_read_from_mistral_configs(change: dict[str, Any]) -> None:
+    config = MistralConfig.from_hf({**read(V03, "config.json"), **change})
+    scaling = config.rope_scaling_dict
+    assert scaling["rope_type"] == "yarn" and scaling["factor"] == 4.0
+    # transformers' default for a missing pretraining length: max_position_embeddings.
+    assert scaling["original_max_position_embeddings"] in (8, 32768)
+    assert config.llama4_scaling_beta is None  # only ministral3 scales queries
+
+
+def test_params_json_yarn_and_llama4_blocks_are_read() -> None:
+    data = {
+        **read(V03, "params.json"),
+        "yarn": {
+            "factor": 16.0,
+            "original_max_position_embeddings": 16384,
+            "beta": 32.0,
+            "alpha": 1.0,
+            "apply_scale": False,
+        },
+        "llama_4_scaling": {"original_max_position_embeddings": 16384, "beta": 0.1},
+    }
+    config = MistralConfig.from_mistral(data)
+    assert config.rope_scaling_dict == {
+        "rope_type": "yarn",
+        "factor": 16.0,
+        "original_max_position_embeddings": 16384,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "attention_factor": 1.0,
+    }
+    assert (config.llama4_scaling_beta, config.llama4_scaling_original_max) == (0.1, 16384)
+    applied = MistralConfig.from_mistral({**data, "yarn": {**data["yarn"], "apply_scale": True}})
+    assert "attention_factor" not in applied.rope_scaling_dict  # YaRN's 0.1 ln(factor) + 1
+
+
+@pytest.mark.parametrize(
+    "block, field",
+    [
+        ({"yarn": {"factor": 4.0}}, "yarn.original_max_position_embeddings"),
+        ({"yarn": {"factor": 4.0, "original_max_position_embeddings": 8, "gamma": 1}}, "gamma"),
+        ({"llama_4_scaling": {"beta": 0.1}}, "llama_4_scaling.original_max_position_embeddings"),
+        ({"moe": {"num_experts": 8}}, "moe.num_experts_per_tok"),
+        ({"moe": {"num_experts": 8, "num_experts_per_tok": 9}}, "num_experts_per_tok (9)"),
+        ({"moe": {"num_experts": 8, "num_experts_per_tok": 2, "num_shared_experts": 1}}, "shared"),
+        ({"q_lora_rank": 1536}, "q_lora_rank"),
+    ],
+)
+def test_params_json_bad_blocks_are_refused(block: dict[str, Any], field: str) -> None:
+    with pytest.raises(MistralNNXError) as info:
+        MistralConfig.from_mistral({**read(V03, "params.json"), **block})
+    msg = str(info.value)
+    assert msg.startswith("params.json") and field in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("builder", ["hf", "native"])
@@ -375,7 +425,7 @@ def test_hidden_not_divisible_by_heads_without_head_dim_is_refused() -> None:
     "name, change",
     [
         ("config.json", {"num_key_value_heads": 5}),
-        ("config.json", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+        ("config.json", {"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}),
         ("params.json", {"n_kv_heads": 5}),
     ],
 )
@@ -419,13 +469,12 @@ def test_wrong_field_type_is_refused() -> None:
         MistralConfig.from_hf(data)
 
 
-def test_params_json_with_moe_is_refused(tmp_path: Path) -> None:
+def test_params_json_with_moe_is_read(tmp_path: Path) -> None:
     data = {**read(V03, "params.json"), "moe": {"num_experts": 8, "num_experts_per_tok": 2}}
     write_json(tmp_path / "params.json", data)
-    with pytest.raises(MistralNNXError) as info:
-        load_config(tmp_path)
-    msg = str(info.value)
-    assert str(tmp_path / "params.json") in msg and "'moe'" in msg
+    config = load_config(tmp_path)
+    assert (config.num_experts, config.num_experts_per_tok) == (8, 2)
+    assert config.model_type == "mixtral"
 
 
 @pytest.mark.parametrize("name", ["config.json", "params.json"])
@@ -453,5 +502,5 @@ def test_directory_with_neither_file_is_refused(tmp_path: Path) -> None:
 
 def test_refusal_is_one_line() -> None:
     with pytest.raises(MistralNNXError) as info:
-        MistralConfig.from_hf({**read(V03, "config.json"), "model_type": "mixtral"})
+        MistralConfig.from_hf({**read(V03, "config.json"), "model_type": "gemma3"})
     assert "\n" not in str(info.value)

@@ -236,9 +236,9 @@ def test_missing_and_unexpected_tensors(hf_checkpoints, tmp_path):
 
 
 def test_bad_config_is_one_line(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(MistralNNXError, match=r"config\.json: model_type 'mixtral'"):
+    with pytest.raises(MistralNNXError, match=r"config\.json: model_type 'gemma3'"):
         mn.load_model(tmp_path)
 
 

@@ -14,12 +14,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mistral_nnx.cache import KVCache, LayerKV
 from mistral_nnx.config import MistralConfig
+from mistral_nnx.moe import MoE
+from mistral_nnx.rope import apply_rope, llama4_query_scale, rope_parameters, rope_tables
 from mistral_nnx.sharding import Sharder, constrain
+
+__all__ = ["Mistral", "apply_rope", "attend", "rope_tables"]
 
 Dtype = Any
 
@@ -52,47 +55,6 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
-def rope_inv_freq(config: MistralConfig) -> np.ndarray:
-    """Inverse frequencies of HF's RoPE (half-rotation layout), with optional scaling."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    scaling = config.rope_scaling_dict
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":
-        factor, low, high = (
-            scaling["factor"],
-            scaling["low_freq_factor"],
-            scaling["high_freq_factor"],
-        )
-        old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * np.pi / inv_freq
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = np.where(
-            wavelen > old_ctx / low,
-            inv_freq / factor,
-            np.where(wavelen < old_ctx / high, inv_freq, blended),
-        )
-    return inv_freq.astype(np.float32)
-
-
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [B, T, E] for integer positions [B, T]."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, heads, E]; rotates the two halves of the head dim (HF's rotate_half)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
-
-
 class Attention(nnx.Module):
     def __init__(
         self,
@@ -110,6 +72,11 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, (h, e, d), ("q_heads", "head_dim", "embed"), param_dtype, h * e)
         self.window = window
         self.dtype = dtype
+        # Ministral 3: queries scaled after RoPE by their absolute position (None: no scaling).
+        self.llama4: tuple[float, int] | None = None
+        if config.llama4_scaling_beta is not None:
+            assert config.llama4_scaling_original_max is not None  # checked by the config
+            self.llama4 = (config.llama4_scaling_beta, config.llama4_scaling_original_max)
 
     def __call__(
         self,
@@ -124,7 +91,10 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
-        q = constrain(apply_rope(q, cos, sin), ("batch", None, "q_heads", "head_dim"))
+        q = apply_rope(q, cos, sin)
+        if self.llama4 is not None:
+            q = q * llama4_query_scale(positions, *self.llama4).astype(dt)
+        q = constrain(q, ("batch", None, "q_heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", None, "kv_heads", "head_dim"))
         v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
 
@@ -228,7 +198,19 @@ class DecoderLayer(nnx.Module):
         self.attn_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype, rngs=rngs)
         self.attn = Attention(config, window, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp: MLP | MoE
+        if config.is_moe:
+            self.mlp = MoE(
+                config.hidden_size,
+                config.intermediate_size,
+                config.num_experts,
+                config.num_experts_per_tok,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        else:
+            self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -253,7 +235,7 @@ def _remat_layer(
     valid: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-) -> tuple[jax.Array, None]:
+) -> tuple[jax.Array, LayerKV | None]:
     """A decoder layer whose activations are recomputed in the backward pass (training)."""
     return layer(x, positions, valid, cos, sin, None)
 
@@ -328,7 +310,7 @@ class Mistral(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if valid is None:
             valid = jnp.ones((b, t), dtype=bool)
-        cos, sin = rope_tables(positions, rope_inv_freq(self.config))
+        cos, sin = rope_tables(positions, *rope_parameters(self.config))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", None, "embed"))
         new_layers = []

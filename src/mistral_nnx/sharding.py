@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mistral_nnx.errors import MistralNNXError
 
-LOGICAL_AXES = ("batch", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
+LOGICAL_AXES = ("batch", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "expert")
 
 # Logical axes replicated, even on parameters, when their size does not divide the mesh axis:
 # grouped-query attention with fewer kv heads than the model axis (2 kv heads on model=4) keeps
@@ -23,11 +23,16 @@ LOGICAL_AXES = ("batch", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "m
 # is refused (padding heads, mlp or vocab would change the checkpoint).
 REPLICATE_IF_UNEVEN = frozenset({"kv_heads"})
 
+# Mixture-of-experts weights [E, D, M] carry an `expert` axis. The tensor-parallel presets split
+# every expert's mlp dimension over `model` (each device holds a slice of every expert, so the
+# decode path's gather of the chosen experts stays local); "ep" puts whole experts on devices
+# instead (expert parallelism: fewer, larger matmuls per device for prefill).
 _TP = {"q_heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model"}
 PRESETS: dict[str, dict[str, str | None]] = {
     "tp": {**_TP, "batch": "data"},
     "fsdp": {"embed": "data", "batch": "data"},
     "tp+fsdp": {**_TP, "embed": "data", "batch": "data"},
+    "ep": {**_TP, "mlp": None, "expert": "model", "batch": "data"},
     "replicated": {"batch": "data"},
 }
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mistral_nnx.checkpoint import names
+from mistral_nnx.checkpoint import names, vlm
 from mistral_nnx.checkpoint.safetensors_io import iter_safetensors, read_header, shard_files
 from mistral_nnx.config import MistralConfig, load_config
 from mistral_nnx.errors import MistralNNXError
@@ -40,23 +40,60 @@ def _hub_patterns(files: list[str]) -> list[str]:
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
-    """A local path as is; a Hugging Face hub id downloaded into the standard HF cache."""
+    """A local path as is; a Hugging Face hub id downloaded into the standard HF cache.
+
+    Offline (`HF_HUB_OFFLINE=1`, or the hub not reachable within a few seconds) a hub id is
+    served from the local HF cache only, and a miss is one clear error, not retries.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise MistralNNXError(
+            f"source must be a path or a hub id (a string), got {type(source).__name__}"
+        )
     path = Path(source).expanduser()
     if path.exists():
         return path
     text = str(source)
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import HfApi, snapshot_download
-
-            patterns = _hub_patterns(HfApi().list_repo_files(text))
-            return Path(snapshot_download(text, allow_patterns=patterns))
-        except Exception as e:  # network, auth, missing repo: all end the same way for a user
-            raise MistralNNXError(
-                f"cannot download '{text}' from the Hugging Face hub ({type(e).__name__}); "
-                "with no network, pass a local directory or .gguf file path instead"
-            ) from None
+        return _from_hub(text)
     raise MistralNNXError(f"model path '{text}' does not exist")
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = "HF_HUB_OFFLINE is set" if offline else _hub_unreachable()
+    if why:
+        try:  # whatever an earlier download left in the local cache
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        except Exception:
+            raise MistralNNXError(
+                f"cannot download '{repo_id}' ({why}) and it is not in the local Hugging Face "
+                "cache; pass a local directory or .gguf file instead"
+            ) from None
+    try:
+        patterns = _hub_patterns(HfApi().list_repo_files(repo_id))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # auth, missing repo, network lost midway: one line for the user
+        raise MistralNNXError(
+            f"cannot download '{repo_id}' from the Hugging Face hub ({type(e).__name__}); "
+            "with no network, pass a local directory or .gguf file path instead"
+        ) from None
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (one TCP connect to its endpoint), or None if it can."""
+    import socket
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"no network: {host} is unreachable ({e.strerror or type(e).__name__})"
 
 
 def detect_format(path: Path) -> str:
@@ -78,6 +115,11 @@ def detect_format(path: Path) -> str:
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return "gguf"
+    if len(ggufs) > 1:
+        raise MistralNNXError(
+            f"{path}: holds several GGUF files ({', '.join(p.name for p in ggufs)}); "
+            "pass the one to load"
+        )
     pickles = [p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
     if pickles:
         raise _pickle_refusal(pickles[0])
@@ -93,6 +135,21 @@ def _pickle_refusal(path: Path) -> MistralNNXError:
         "it once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
         ".save_pretrained(out, safe_serialization=True)"
     )
+
+
+def read_model_config(path: Path) -> MistralConfig:
+    """The config of a resolved source of any format, without reading its weights (so that
+    arguments can be checked against it before the slow part of loading)."""
+    fmt = detect_format(path)
+    if fmt == "orbax":
+        from mistral_nnx.checkpoint.orbax_io import read_marker
+
+        return read_marker(path)
+    if fmt == "gguf":
+        from mistral_nnx.checkpoint.gguf import read_gguf_config
+
+        return read_gguf_config(gguf_file(path))
+    return load_config(path)
 
 
 def gguf_file(path: Path) -> Path:
@@ -136,7 +193,10 @@ def load_model(
         config = load_config(path)
         if fmt == "hf":
             files = shard_files(path, "model.safetensors.index.json", "model.safetensors")
-            tensors = iter_safetensors(files)
+            if config.wrapper is not None:  # mistral3: its text model only
+                config, tensors = vlm.text_tensors(files, config, path)
+            else:
+                tensors = iter_safetensors(files)
         else:
             files = shard_files(
                 path, "consolidated.safetensors.index.json", "consolidated.safetensors"
@@ -145,6 +205,8 @@ def load_model(
             tensors = (names.native_to_hf(n, w, config) + (f,) for n, w, f in native)
         for f in files:  # check every header before placing anything
             read_header(f)
+    if config.is_moe:  # per-expert or packed expert tensors -> one stacked array per kind
+        tensors = names.stack_experts(tensors, config)
     model = abstract_model(config, dtype, param_dtype)
     model = place_tensors(model, tensors, config, param_dtype, sharder, str(path), progress)
     return attach_sharder(model, sharder)

@@ -2,17 +2,24 @@
 
 Every format is first expressed in Hugging Face names and HF torch layout ([out, in] linear
 weights, half-rotation q/k rows); one table then maps HF names onto this model's layout.
+
+Mixture-of-experts weights reach the table stacked, as transformers 5 holds them in memory:
+`model.layers.N.mlp.experts.{gate_proj,up_proj}` [E, M, D] and `...down_proj` [E, D, M].
+`stack_experts` builds these from the per-expert tensors that checkpoints store
+(`block_sparse_moe.experts.J.w1/w2/w3.weight`) or splits the packed `gate_up_proj`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
 from mistral_nnx.checkpoint.safetensors_io import aligned_empty
 from mistral_nnx.config import MistralConfig
+from mistral_nnx.errors import MistralNNXError
 
 Path_ = tuple[str | int, ...]
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -48,6 +55,14 @@ def hf_table(
         (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", layer("mlp", "gate"), transpose),
         (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", layer("mlp", "up"), transpose),
         (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", layer("mlp", "down"), transpose),
+        (
+            r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight",
+            layer("mlp", "router"),
+            transpose,
+        ),
+        (r"model\.layers\.(\d+)\.mlp\.experts\.gate_proj", layer("mlp", "gate"), swap_last),
+        (r"model\.layers\.(\d+)\.mlp\.experts\.up_proj", layer("mlp", "up"), swap_last),
+        (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", layer("mlp", "down"), swap_last),
         (r"model\.layers\.(\d+)\.input_layernorm\.weight", layer("attn_norm", "weight"), identity),
         (
             r"model\.layers\.(\d+)\.post_attention_layernorm\.weight",
@@ -65,6 +80,95 @@ def transpose(w: np.ndarray, block: int = 256) -> np.ndarray:
     for i in range(0, w.shape[0], block):
         out[:, i : i + block] = w[i : i + block].T
     return out
+
+
+def swap_last(w: np.ndarray) -> np.ndarray:
+    """[E, a, b] -> [E, b, a], contiguous: each expert's matrix transposed."""
+    out = aligned_empty((w.shape[0], w.shape[2], w.shape[1]), w.dtype)
+    for j in range(w.shape[0]):
+        out[j] = transpose(w[j])
+    return out
+
+
+# ---- mixture of experts: per-expert and packed names -> stacked ---------------------------------
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_PACKED_GATE_UP = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj")
+_STACKED = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+Tensors = Iterator[tuple[str, np.ndarray, Path]]
+
+
+def stack_experts(tensors: Tensors, config: MistralConfig) -> Tensors:
+    """Pass tensors through, except expert weights: per-expert pieces are gathered into one
+    stacked array per layer and kind (yielded once all E pieces arrived), packed gate_up_proj
+    [E, 2M, D] is split into gate_proj and up_proj (gate rows first)."""
+    experts = config.num_experts
+    pending: dict[tuple[int, str], tuple[np.ndarray, set[int]]] = {}
+    for name, array, file in tensors:
+        m = _EXPERT.fullmatch(name)
+        if m is None or not experts:
+            packed = _PACKED_GATE_UP.fullmatch(name)
+            if packed is not None and array.ndim == 3 and array.shape[1] % 2 == 0:
+                half = array.shape[1] // 2
+                prefix = f"model.layers.{packed.group(1)}.mlp.experts."
+                yield prefix + "gate_proj", array[:, :half], file
+                yield prefix + "up_proj", array[:, half:], file
+            else:
+                yield name, array, file
+            continue
+        layer, index, kind = int(m.group(1)), int(m.group(2)), m.group(3)
+        if index >= experts:
+            raise MistralNNXError(
+                f"{file}: unexpected tensor '{name}' (the config has {experts} experts)"
+            )
+        key = (layer, kind)
+        if key not in pending:
+            pending[key] = (aligned_empty((experts, *array.shape), array.dtype), set())
+        stacked, seen = pending[key]
+        if array.shape != stacked.shape[1:]:
+            raise MistralNNXError(
+                f"{file}: tensor '{name}' has shape {list(array.shape)}, but expert 0 of the "
+                f"same layer has {list(stacked.shape[1:])}"
+            )
+        stacked[index] = array
+        seen.add(index)
+        if len(seen) == experts:
+            del pending[key]
+            yield f"model.layers.{layer}.mlp.experts.{_STACKED[kind]}", stacked, file
+    if pending:
+        (layer, kind), (_, seen) = min(pending.items())
+        absent = min(set(range(experts)) - seen)
+        raise MistralNNXError(
+            f"checkpoint is missing tensor "
+            f"'model.layers.{layer}.block_sparse_moe.experts.{absent}.{kind}.weight'"
+        )
+
+
+# ---- vision-language wrappers (mistral3): text weights only --------------------------------------
+_WRAPPED = [
+    (re.compile(r"model\.language_model\.(.*)"), "model.{}"),
+    (re.compile(r"language_model\.model\.(.*)"), "model.{}"),
+    (re.compile(r"language_model\.lm_head\.(.*)"), "lm_head.{}"),
+    (re.compile(r"(lm_head\..*)"), "{}"),
+]
+UNREAD_PREFIXES = (
+    "model.vision_tower.",
+    "vision_tower.",
+    "model.multi_modal_projector.",
+    "multi_modal_projector.",
+)
+
+
+def text_model_name(name: str) -> str | None:
+    """A wrapper checkpoint's tensor name as the text model's HF name; None for the vision
+    tower and projector (never read); other names unchanged (reported as unexpected)."""
+    if name.startswith(UNREAD_PREFIXES):
+        return None
+    for pattern, target in _WRAPPED:
+        m = pattern.fullmatch(name)
+        if m:
+            return target.format(m.group(1))
+    return name
 
 
 # Tensors some HF checkpoints carry that hold no weights of this network.
@@ -92,6 +196,11 @@ _NATIVE = [
     (r"layers\.(\d+)\.feed_forward\.w3\.weight", "model.layers.{}.mlp.up_proj.weight"),
     (r"layers\.(\d+)\.attention_norm\.weight", "model.layers.{}.input_layernorm.weight"),
     (r"layers\.(\d+)\.ffn_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
+    (r"layers\.(\d+)\.feed_forward\.gate\.weight", "model.layers.{}.block_sparse_moe.gate.weight"),
+    (
+        r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight",
+        "model.layers.{}.block_sparse_moe.experts.{}.{}.weight",
+    ),
 ]
 _NATIVE_RE = [(re.compile(p), target) for p, target in _NATIVE]
 

@@ -1,0 +1,115 @@
+"""Mixtral's sparse mixture of experts: a router and E SwiGLU experts with stacked weights.
+
+Router exactly as transformers' Mixtral: logits in float32, softmax over all experts, top-k,
+the k weights renormalised to sum to 1, output = sum of the chosen experts' outputs times their
+weights. No capacity limit and no token dropping: a token's output never depends on the other
+tokens of the batch.
+
+Two compute paths, chosen by the number of tokens N (see benchmarks/moe.py and RESULTS.md):
+- few tokens (N * k <= E, e.g. a batch-1 decode step): gather the chosen experts' weights and
+  multiply, so a step reads k/E of the expert bytes instead of all of them;
+- more tokens (prefill, batched decode): every expert over every token, in chunks of tokens,
+  then the weighted combine. On CPU (and on GPU, where `jax.lax.ragged_dot` lowers to masked
+  dense compute) this measured faster than sorting tokens by expert for ragged_dot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mistral_nnx.sharding import constrain
+
+Dtype = Any
+# Tokens per chunk of the dense path: bounds the [chunk, E, M] intermediate.
+DENSE_CHUNK = 256
+
+
+def _param(
+    rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Dtype, fan_in: int
+) -> nnx.Param:
+    if rngs is None:
+        return nnx.Param(jax.ShapeDtypeStruct(shape, dtype), logical_axes=axes)
+    value = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+class MoE(nnx.Module):
+    """router [D, E]; gate, up [E, D, M]; down [E, M, D]."""
+
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs | None,
+    ) -> None:
+        d, m, e = hidden, intermediate, num_experts
+        self.router = _param(rngs, (d, e), ("embed", "expert"), param_dtype, d)
+        self.gate = _param(rngs, (e, d, m), ("expert", "embed", "mlp"), param_dtype, d)
+        self.up = _param(rngs, (e, d, m), ("expert", "embed", "mlp"), param_dtype, d)
+        self.down = _param(rngs, (e, m, d), ("expert", "mlp", "embed"), param_dtype, m)
+        self.num_experts, self.top_k = e, top_k
+        self.dtype = dtype
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [N, D] -> (weights [N, k] float32 summing to 1, expert indices [N, k])."""
+        logits = jnp.matmul(
+            x.astype(jnp.float32),
+            self.router[...].astype(jnp.float32),
+            preferred_element_type=jnp.float32,
+        )
+        probs = jax.nn.softmax(logits, axis=-1)
+        top, index = jax.lax.top_k(probs, self.top_k)
+        return top / jnp.sum(top, axis=-1, keepdims=True), index
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        weights, index = self.route(flat)
+        if b * t * self.top_k <= self.num_experts:
+            out = self._gathered(flat, weights, index)
+        else:
+            out = self._dense(flat, weights, index)
+        return out.reshape(b, t, d)
+
+    def _gathered(self, x: jax.Array, weights: jax.Array, index: jax.Array) -> jax.Array:
+        """Read only the chosen experts: [N, k] weight slices gathered, then multiplied."""
+        dt = self.dtype
+        gate = jnp.take(self.gate[...], index, axis=0).astype(dt)  # [N, k, D, M]
+        up = jnp.take(self.up[...], index, axis=0).astype(dt)
+        down = jnp.take(self.down[...], index, axis=0).astype(dt)  # [N, k, M, D]
+        h = jax.nn.silu(jnp.einsum("nd,nkdm->nkm", x, gate)) * jnp.einsum("nd,nkdm->nkm", x, up)
+        y = jnp.einsum("nkm,nkmd->nkd", h, down)
+        return jnp.einsum("nkd,nk->nd", y, weights.astype(dt))
+
+    def _dense(self, x: jax.Array, weights: jax.Array, index: jax.Array) -> jax.Array:
+        """Every expert over every token (chunks of DENSE_CHUNK tokens), weighted combine with
+        zero weight for the experts not chosen."""
+        dt = self.dtype
+        n = x.shape[0]
+        combine = jnp.zeros((n, self.num_experts), jnp.float32)
+        combine = combine.at[jnp.arange(n)[:, None], index].set(weights).astype(dt)
+        gate, up, down = (w[...].astype(dt) for w in (self.gate, self.up, self.down))
+
+        def chunk(xc: jax.Array, cc: jax.Array) -> jax.Array:
+            g = jnp.einsum("nd,edm->nem", xc, gate)
+            u = jnp.einsum("nd,edm->nem", xc, up)
+            h = constrain(jax.nn.silu(g) * u, (None, "expert", "mlp"))
+            return jnp.einsum("nem,emd,ne->nd", h, down, cc)
+
+        if n <= DENSE_CHUNK:
+            return chunk(x, combine)
+        pad = -n % DENSE_CHUNK
+        xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, DENSE_CHUNK, x.shape[1])
+        cs = jnp.pad(combine, ((0, pad), (0, 0))).reshape(-1, DENSE_CHUNK, self.num_experts)
+        out = jax.lax.map(lambda args: chunk(*args), (xs, cs))
+        return out.reshape(-1, x.shape[1])[:n]
