@@ -60,22 +60,30 @@ def test_window_bites(hf_checkpoints):
         layer.attn.window = None
     full = np.asarray(model(tokens))
     assert np.abs(windowed[:, :16] - full[:, :16]).max() < 1e-5
-    assert np.abs(windowed[:, 17:] - full[:, 17:]).max() > 1e-3
+    # From position 16 on (the first where key 0 falls out of the window), every position
+    # differs: measured min 0.028 (at 16) against 0 with the window one too wide.
+    assert np.abs(windowed[:, 16:] - full[:, 16:]).max(axis=-1).min() > 5e-3
 
 
 def test_bf16_params_within_bf16_tolerance(hf_checkpoints):
+    """bfloat16 weights, against transformers float32 on the same bf16-rounded weights: float32
+    compute must be exact (1e-4); bfloat16 compute gets what its activation rounding needs,
+    measured on three token draws: max 3.9e-3 - 5.1e-3, mean 6.9e-4 - 7.2e-4 (a missing RMSNorm
+    eps gives 8.9e-3 - 1.1e-2 and 1.6e-3 in bf16, 9e-3 in float32)."""
     directory, hf_model = hf_checkpoints["gqa_window16"]
+    rounded = type(hf_model)(hf_model.config).eval()
+    rounded.load_state_dict(
+        {k: v.to(torch.bfloat16).float() for k, v in hf_model.state_dict().items()}
+    )
     tokens = _tokens()
-    ref = _reference(hf_model, tokens)
-    for dtype in (jnp.bfloat16, jnp.float32):
+    ref = _reference(rounded, tokens)
+    for dtype, max_err, mean_err in ((jnp.float32, 1e-4, 1e-5), (jnp.bfloat16, 8e-3, 1.1e-3)):
         model = mn.load_model(directory, dtype=dtype, param_dtype=jnp.bfloat16, progress=False)
         assert model.embed[...].dtype == jnp.bfloat16
         out = np.asarray(model(jnp.asarray(tokens)))
         assert out.dtype == np.float32
-        scale = np.abs(ref).max()
-        assert np.abs(out - ref).max() < 0.05 * scale
-        # Same argmax almost everywhere.
-        assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+        err = np.abs(out - ref)
+        assert err.max() < max_err and err.mean() < mean_err, (dtype, err.max(), err.mean())
 
 
 def test_positions_and_padding_mask(hf_checkpoints):
