@@ -326,3 +326,19 @@ def test_wrapper_without_text_weights_is_refused(models, tmp_path):
         mn.load_model(broken, progress=False)
     msg = str(info.value)
     assert "no text model weights" in msg and str(broken) in msg and "\n" not in msg
+
+
+def test_gguf_mistral3_architecture_is_refused_in_one_line(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "m3.gguf", "mistral3")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(MistralNNXError) as info:
+        mn.load_model(tmp_path / "m3.gguf", progress=False)
+    msg = str(info.value)
+    assert "'mistral3'" in msg and "mistral3.rope.scaling" in msg and "\n" not in msg

@@ -280,3 +280,59 @@ def test_missing_expert_tensor_is_refused(mixtral, tmp_path):
         MistralNNXError, match=r"missing tensor 'model\.layers\.1\.block_sparse_moe\.experts\.2\.w3"
     ):
         mn.load_model(tmp_path, progress=False)
+
+
+def _llama_cpp_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF half-rotation q/k rows -> llama.cpp's interleaved order."""
+    return _to_interleaved(w, heads)
+
+
+def test_gguf_stacked_experts_match_hf(mixtral, tmp_path):
+    """A llama-arch GGUF with expert_count / expert_used_count, router ffn_gate_inp and stacked
+    ffn_{gate,up,down}_exps, written with the gguf package as llama.cpp lays it out."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    directory, hf_model = mixtral["nowindow"]
+    hf = load_file(str(directory / "model.safetensors"))
+    writer = gguf.GGUFWriter(tmp_path / "mixtral.gguf", "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(512)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_key_length(16)
+    writer.add_rope_dimension_count(16)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", hf["model.norm.weight"])
+    writer.add_tensor("output.weight", hf["lm_head.weight"])
+    for i in range(2):
+        p = f"model.layers.{i}."
+        layer = {
+            "attn_q": _llama_cpp_rows(hf[p + "self_attn.q_proj.weight"], 4),
+            "attn_k": _llama_cpp_rows(hf[p + "self_attn.k_proj.weight"], 2),
+            "attn_v": hf[p + "self_attn.v_proj.weight"],
+            "attn_output": hf[p + "self_attn.o_proj.weight"],
+            "attn_norm": hf[p + "input_layernorm.weight"],
+            "ffn_norm": hf[p + "post_attention_layernorm.weight"],
+            "ffn_gate_inp": hf[p + "block_sparse_moe.gate.weight"],
+        }
+        for kind, gguf_kind in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+            pieces = [hf[f"{p}block_sparse_moe.experts.{j}.{kind}.weight"] for j in range(4)]
+            layer[f"ffn_{gguf_kind}_exps"] = np.stack(pieces)
+        for name, w in layer.items():
+            writer.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = mn.load_model(tmp_path / "mixtral.gguf", progress=False)
+    assert (model.config.num_experts, model.config.num_experts_per_tok) == (4, 2)
+    assert _max_err(model, hf_model, _tokens()) < 1e-4

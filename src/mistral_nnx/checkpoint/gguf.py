@@ -1,4 +1,5 @@
-"""Read llama.cpp GGUF checkpoints (architectures ``llama`` and ``mistral``).
+"""Read llama.cpp GGUF checkpoints (architectures ``llama`` and ``mistral``; Mixtral is ``llama``
+with ``llama.expert_count`` and stacked ``ffn_*_exps`` tensors).
 
 ``read_gguf_config`` builds a MistralConfig from the GGUF metadata. ``iter_gguf_tensors`` yields
 the weights one at a time, dequantised to float32 and renamed / laid out exactly as a Hugging Face
@@ -28,6 +29,12 @@ from mistral_nnx.config import MistralConfig
 from mistral_nnx.errors import MistralNNXError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
+# Architectures llama.cpp writes for models this project loads from other formats only.
+REFUSED_ARCHITECTURES = {
+    "mistral3": "its YaRN and llama_4 query-scaling metadata (mistral3.rope.scaling.*, "
+    "mistral3.attention.temperature_scale) are not read yet; load the Hugging Face or Mistral "
+    "native checkpoint of this model instead",
+}
 
 SUPPORTED_TYPES = (
     GGMLQuantizationType.F32,
@@ -35,8 +42,11 @@ SUPPORTED_TYPES = (
     GGMLQuantizationType.BF16,
     GGMLQuantizationType.Q4_0,
     GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q5_K,
     GGMLQuantizationType.Q6_K,
 )
 
@@ -51,6 +61,14 @@ _LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# Mixture-of-experts layers: router + experts stacked over a leading expert dimension, as
+# transformers 5 stacks them ([E, M, D] gate/up, [E, D, M] down).
+_MOE_NAMES = {
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
 }
 
 
@@ -95,6 +113,8 @@ def read_gguf_config(path: Path) -> MistralConfig:
         raise MistralNNXError(f"{path}: tensor 'token_embd.weight' is missing")
 
     eos = _optional_int(reader, "tokenizer.ggml.eos_token_id", path)
+    experts = meta.integer("expert_count", default=0)
+    per_token = meta.integer("expert_used_count", default=0) if experts else 0
     try:
         return MistralConfig(
             vocab_size=vocab_size,
@@ -113,6 +133,8 @@ def read_gguf_config(path: Path) -> MistralConfig:
             eos_token_ids=() if eos is None else (eos,),
             pad_token_id=_optional_int(reader, "tokenizer.ggml.padding_token_id", path),
             model_type=arch,
+            num_experts=experts,
+            num_experts_per_tok=per_token,
         )
     except MistralNNXError as e:
         raise MistralNNXError(f"{path}: {e}") from None
@@ -192,6 +214,10 @@ def _architecture(reader: GGUFReader, path: Path) -> str:
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str):
         raise MistralNNXError(f"{path}: metadata 'general.architecture' is missing")
+    if arch in REFUSED_ARCHITECTURES:
+        raise MistralNNXError(
+            f"{path}: GGUF architecture {arch!r} is not supported: {REFUSED_ARCHITECTURES[arch]}"
+        )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise MistralNNXError(
             f"{path}: GGUF architecture {arch!r} is not supported "
@@ -294,11 +320,21 @@ def _tensor_plan(config: MistralConfig) -> list[tuple[str, str, tuple[int, ...]]
         "attn_norm.weight": (d,),
         "ffn_norm.weight": (d,),
     }
+    names = dict(_LAYER_NAMES)
+    if config.is_moe:
+        e = config.num_experts
+        for key in ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"):
+            del names[key]
+        names.update(_MOE_NAMES)
+        layer_shapes["ffn_gate_inp.weight"] = (e, d)
+        layer_shapes["ffn_gate_exps.weight"] = (e, ffn, d)
+        layer_shapes["ffn_up_exps.weight"] = (e, ffn, d)
+        layer_shapes["ffn_down_exps.weight"] = (e, d, ffn)
     plan: list[tuple[str, str, tuple[int, ...]]] = [
         ("token_embd.weight", "model.embed_tokens.weight", (vocab, d))
     ]
     for i in range(config.num_layers):
-        for suffix, hf_suffix in _LAYER_NAMES.items():
+        for suffix, hf_suffix in names.items():
             plan.append(
                 (f"blk.{i}.{suffix}", f"model.layers.{i}.{hf_suffix}", layer_shapes[suffix])
             )
