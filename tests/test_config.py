@@ -97,7 +97,7 @@ def full_or_window(windows: tuple[int | None, ...], context: int) -> tuple[int |
 def test_every_data_file_is_a_json_object_and_has_a_source() -> None:
     sources = (DATA / "SOURCES.md").read_text()
     files = sorted(DATA.glob("*/*.json"))
-    assert {f.parent.name for f in files} == set(ALL_MODELS)
+    assert {f.parent.name for f in files} == set(ALL_MODELS) | set(MOE_AND_GENERATION_3)
     for f in files:
         assert isinstance(json.loads(f.read_text()), dict), f
         assert f"{f.parent.name}/{f.name}" in sources, f"{f} is not listed in SOURCES.md"
@@ -504,3 +504,69 @@ def test_refusal_is_one_line() -> None:
     with pytest.raises(MistralNNXError) as info:
         MistralConfig.from_hf({**read(V03, "config.json"), "model_type": "gemma3"})
     assert "\n" not in str(info.value)
+
+
+# ---- Mixtral and the Mistral 3 generation (see SOURCES.md) ---------------------------------------
+MIXTRAL_7 = "Mixtral-8x7B-v0.1"
+MIXTRAL_22 = "Mixtral-8x22B-v0.1"
+SMALL_32 = "Mistral-Small-3.2-24B-Instruct-2506"
+MINISTRAL3 = {3: "Ministral-3-3B-Instruct-2512", 8: "Ministral-3-8B-Instruct-2512"}
+MINISTRAL3[14] = "Ministral-3-14B-Instruct-2512"
+MOE_AND_GENERATION_3 = [MIXTRAL_7, MIXTRAL_22, SMALL_32, *MINISTRAL3.values()]
+
+
+@pytest.mark.parametrize(
+    "model, total, active",
+    [(MIXTRAL_7, 46.7e9, 12.9e9), (MIXTRAL_22, 141e9, 39e9)],
+)
+def test_mixtral_parameter_counts_match_published_sizes(
+    model: str, total: float, active: float
+) -> None:
+    config = hf(model)
+    assert (config.num_experts, config.num_experts_per_tok) == (8, 2)
+    assert config.num_parameters() == pytest.approx(total, rel=0.005)
+    assert config.num_parameters(active=True) == pytest.approx(active, rel=0.005)
+    assert config.layer_windows == (None,) * config.num_layers
+    assert config.rope_theta == 1e6
+
+
+def test_mixtral_params_json_agrees_with_config_json() -> None:
+    native = MistralConfig.from_mistral(read(MIXTRAL_7, "params.json"))
+    assert native.num_parameters() == hf(MIXTRAL_7).num_parameters()
+    assert (native.num_experts, native.num_experts_per_tok) == (8, 2)
+
+
+def test_small_32_loads_its_text_model() -> None:
+    """mistral3 wrapper around a mistral text model: the same backbone as Small-24B-2501
+    (23.6B), plus a 0.4B vision tower that is not built: 24B in all."""
+    config = hf(SMALL_32)
+    assert config.wrapper == "mistral3" and config.model_type == "mistral"
+    assert config.rope_theta == 1e9 and config.rope_scaling is None
+    assert config.num_parameters() == hf(SMALL).num_parameters()
+    assert config.num_parameters() + 0.4e9 == pytest.approx(24e9, rel=0.01)
+
+
+@pytest.mark.parametrize("size, lm_params", [(3, 3.4e9), (8, 8.4e9), (14, 13.5e9)])
+def test_ministral3_text_models(size: int, lm_params: float) -> None:
+    config = hf(MINISTRAL3[size])
+    assert config.wrapper == "mistral3" and config.model_type == "ministral3"
+    assert config.rope_scaling_dict == {
+        "rope_type": "yarn",
+        "factor": 16.0,
+        "original_max_position_embeddings": 16384,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+    assert (config.llama4_scaling_beta, config.llama4_scaling_original_max) == (0.1, 16384)
+    assert config.tie_word_embeddings == (size == 3)
+    # Model cards: "a {3.4, 8.4, 13.5}B language model and a 0.4B vision encoder".
+    assert config.num_parameters() == pytest.approx(lm_params, rel=0.015)
+
+
+def test_ministral3_attention_factor_is_one() -> None:
+    """mscale == mscale_all_dim: YaRN's attention factor is 1.0 (not 0.1 ln 16 + 1)."""
+    from mistral_nnx.rope import rope_parameters
+
+    assert rope_parameters(hf(MINISTRAL3[8]))[1] == 1.0
