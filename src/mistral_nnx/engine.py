@@ -300,7 +300,8 @@ def _prepare_prompts(
         outside = [t for t in ids if not 0 <= t < vocab_size]
         if outside:
             raise MistralNNXError(
-                f"prompts[{i}] has token id {outside[0]} outside the vocabulary (0..{vocab_size - 1})"
+                f"prompts[{i}] has token id {outside[0]} outside the vocabulary "
+                f"(0..{vocab_size - 1})"
             )
         out.append(ids)
     return out

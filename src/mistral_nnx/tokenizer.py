@@ -83,6 +83,7 @@ class MistralCommonTokenizer:
             raise MistralNNXError(f"{path}: not a valid mistral-common tokenizer: {err}") from err
         inner = self._mistral.instruct_tokenizer.tokenizer
         self._inner = inner
+        self.has_chat_template = True  # mistral-common's own chat format
         self.bos_id: int | None = inner.bos_id
         self.eos_ids: tuple[int, ...] = (inner.eos_id,)
 
@@ -127,6 +128,7 @@ class HFTokenizer:
     ) -> None:
         self._backend = backend
         self._chat_template = chat_template
+        self.has_chat_template = chat_template is not None
         self._special_tokens = dict(special_tokens)
         self._source = source
         self._compiled_template: Any = None
@@ -138,7 +140,7 @@ class HFTokenizer:
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(ids))
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return list(self._backend.encode(text, add_special_tokens=add_bos).ids)
+        return list(self._backend.encode(_valid_text(text), add_special_tokens=add_bos).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -161,7 +163,7 @@ class HFTokenizer:
             raise MistralNNXError(f"messages: chat template failed: {_one_line(err)}") from err
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        text = self.render_chat(messages)
+        text = _valid_text(self.render_chat(messages))
         return list(self._backend.encode(text, add_special_tokens=False).ids)
 
     def save(self, directory: Path) -> list[Path]:
@@ -446,6 +448,20 @@ class StreamDetokenizer:
             return ""
         self._start, self._emitted = self._emitted, len(self._ids)
         return after[len(before) :]
+
+
+def _valid_text(text: str) -> str:
+    """`text` if it can be encoded as UTF-8; lone surrogates (undecodable bytes that Python kept
+    with `surrogateescape`, e.g. from argv) are refused in one line."""
+    if not isinstance(text, str):
+        raise MistralNNXError(f"text to encode must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MistralNNXError(
+            "text is not valid Unicode (lone surrogates, e.g. from undecodable bytes)"
+        ) from None
+    return text
 
 
 def _one_line(err: BaseException) -> str:

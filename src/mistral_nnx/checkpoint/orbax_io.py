@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,10 @@ def save_model(
     *,
     overwrite: bool = False,
     extra_files: Iterable[Path] = (),
+    write_extra: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Write `model` to `path` atomically; `extra_files` (tokenizer files) are copied beside.
+    """Write `model` to `path` atomically; `extra_files` (tokenizer files) are copied beside, and
+    `write_extra(directory)` may write more files into the checkpoint before it is complete.
 
     With `overwrite`, only a checkpoint of this format is replaced, and only once the new one is
     complete. Leftovers of an earlier write to the same path that was killed are removed first.
@@ -58,7 +60,7 @@ def save_model(
     if path.exists() and not overwrite:
         raise MistralNNXError(f"{path}: already exists (pass overwrite=True to replace it)")
     if path.exists():
-        _check_replaceable(path)
+        check_replaceable(path)
     import orbax.checkpoint as ocp  # imported on use: it costs ~0.1 s and ~20 MB
 
     _remove_leftovers(path)
@@ -72,6 +74,8 @@ def save_model(
             ckptr.wait_until_finished()
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
+        if write_extra is not None:
+            write_extra(tmp)
         marker = {
             "format": "mistral_nnx",
             "version": FORMAT_VERSION,
@@ -105,7 +109,7 @@ def is_checkpoint(path: Path) -> bool:
     return True
 
 
-def _check_replaceable(path: Path) -> None:
+def check_replaceable(path: Path) -> None:
     """Refuse to replace anything but a checkpoint of ours holding only what save_model writes."""
     if not path.is_dir() or not is_checkpoint(path):
         raise MistralNNXError(
