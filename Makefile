@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: install
-	$(VENV)/bin/mistral-nnx generate --chat --max-new-tokens 64 "What is the capital of France? Answer in one sentence."
+	$(VENV)/bin/mistral-nnx generate --max-new-tokens 64 "What is the capital of France? Answer in one sentence."
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks
