@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py            # on a machine with a GPU (< 5 min on one H100/H200)
     python benchmarks/gpu.py --tiny     # small shapes, any backend: checks the script end to end
+    python benchmarks/gpu.py --preset mixtral   # Mixtral-8x7B shapes, 8 of its 32 layers
 
 Random bfloat16 weights are created on the device (shapes from `nnx.eval_shape`, one small jitted
 fill per distinct shape; nothing is materialised on the host). Everything runs through the
@@ -75,6 +76,33 @@ MISTRAL_7B = Shapes(
     new_tokens=128,
     decode_batches=(1, 8, 32),
 )
+
+# Mixtral-8x7B: 8 experts top-2; 8 of its 32 layers (11.9B parameters, 24 GB in bf16). TFLOP/s
+# count all parameters; the decode roofline counts the bytes of the k experts a token uses.
+MIXTRAL = Shapes(
+    config=dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=8,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        layer_windows=(None,) * 8,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    copy_bytes=4 << 30,
+    prefill_len=2048,
+    prefill_batches=(1, 8),
+    prompt_len=128,
+    new_tokens=128,
+    decode_batches=(1, 8, 32),
+)
+PRESETS = {"mistral7b": MISTRAL_7B, "mixtral": MIXTRAL}
 
 TINY = Shapes(
     config=dict(
@@ -251,6 +279,7 @@ def bench_decode(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="small shapes; runs on CPU too")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="mistral7b", help="model shapes")
     p.add_argument("--repeats", type=int, default=5, help="warm calls per measurement")
     p.add_argument(
         "--budget-s",
@@ -274,11 +303,12 @@ def main() -> None:
 
     from mistral_nnx import MistralConfig
 
-    shapes = TINY if args.tiny else MISTRAL_7B
+    shapes = TINY if args.tiny else PRESETS[args.preset]
     config = MistralConfig(**shapes.config)
     timer = Timer(args.repeats)
     device = jax.devices()[0]
-    print(_util.header(f"gpu.py ({'tiny shapes' if args.tiny else 'Mistral-7B-v0.1 shapes'})"))
+    title = "tiny shapes" if args.tiny else f"{args.preset} shapes"
+    print(_util.header(f"gpu.py ({title})"))
     packages = ("jax", "jaxlib", "flax", "numpy")
     print(f"device: {device.device_kind} ({backend}); {_util.versions(packages)}")
 
@@ -306,6 +336,9 @@ def main() -> None:
 
     # Bytes one decode step must read: every weight except the embedding table (B rows of it).
     step_weight_bytes = weight_bytes - embed_bytes
+    if config.is_moe:  # a batch-1 step reads only k of the E experts of every layer
+        unused = config.num_parameters() - config.num_parameters(active=True)
+        step_weight_bytes -= 2 * unused
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
     plan: list[tuple[str, int]] = [
         ("decode", shapes.decode_batches[0]),
