@@ -193,12 +193,16 @@ def test_chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt(env):
 
 
 def test_ctrl_c_during_convert_leaves_nothing(env, smollm2_path, tmp_path):
+    """Nothing half-written beside the destination, and nothing in the temp directory (a hard
+    exit could not clean a temp dir up, so convert must not use one)."""
     dst = tmp_path / "smol"
+    temp = tmp_path.parent / f"{tmp_path.name}_tmpdir"
+    temp.mkdir()
     proc = subprocess.Popen(
         _command("convert", str(smollm2_path), str(dst)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=env,
+        env={**env, "TMPDIR": str(temp)},
     )
     deadline = time.time() + 240
     while not list(tmp_path.glob(".smol.tmp-*")) and proc.poll() is None:
@@ -208,6 +212,7 @@ def test_ctrl_c_during_convert_leaves_nothing(env, smollm2_path, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == cli.EXIT_INTERRUPTED, err.decode()[-2000:]
     assert list(tmp_path.iterdir()) == []
+    assert list(temp.iterdir()) == []
     _no_traceback(err)
 
 
