@@ -342,3 +342,44 @@ def test_gguf_mistral3_architecture_is_refused_in_one_line(tmp_path):
         mn.load_model(tmp_path / "m3.gguf", progress=False)
     msg = str(info.value)
     assert "'mistral3'" in msg and "mistral3.rope.scaling" in msg and "\n" not in msg
+
+
+def test_native_vision_language_checkpoint_reads_its_text_model(models, tmp_path, monkeypatch):
+    """consolidated.safetensors with a vision encoder (params.json `vision_encoder`): the text
+    model matches transformers, and no vision tensor is read."""
+    directory, hf_model = models["mistral3"]
+    text = {
+        k.replace("language_model.", "", 1): v
+        for k, v in load_file(str(directory / "model.safetensors")).items()
+        if k.startswith("language_model.")
+    }
+    native = _native(text, 4, 2)
+    native["vision_encoder.transformer.layers.0.attention.wq.weight"] = np.ones((16, 16), "f4")
+    native["vision_language_adapter.w_in.weight"] = np.ones((64, 16), "f4")
+    save_file(native, str(tmp_path / "consolidated.safetensors"))
+    params = {
+        "dim": 64,
+        "n_layers": 2,
+        "head_dim": 16,
+        "hidden_dim": 96,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "norm_eps": 1e-5,
+        "vocab_size": VOCAB,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 512,
+        "yarn": {"factor": 4.0, "original_max_position_embeddings": PERIOD, "beta": 32.0,
+                 "alpha": 1.0, "apply_scale": False},
+        "llama_4_scaling": {"original_max_position_embeddings": PERIOD, "beta": 0.5},
+        "vision_encoder": {"hidden_size": 16, "num_hidden_layers": 1, "image_size": 32},
+    }  # fmt: skip
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    read: list[str] = []
+    original = vlm.read_tensor
+    monkeypatch.setattr(
+        vlm, "read_tensor", lambda p, info: read.append(info.name) or original(p, info)
+    )
+    model = mn.load_model(tmp_path, progress=False)
+    assert read and not [n for n in read if n.startswith(("vision", "patch_merger"))]
+    assert model.config.wrapper == "mistral3"
+    assert _max_err(model, hf_model, _tokens()) < 1e-4

@@ -316,6 +316,11 @@ class MistralConfig:
                     "Small 4) is not supported"
                 )
         experts, per_token = _native_moe(data.get("moe"), source)
+        # Pixtral / Mistral 3 native checkpoints: the text model is read, the vision encoder not.
+        multimodal = data.get("multimodal")
+        vision = data.get("vision_encoder") or (
+            isinstance(multimodal, Mapping) and multimodal.get("vision_encoder_args")
+        )
         scaling = _native_yarn(data.get("yarn"), source)
         llama4_beta, llama4_period = _native_llama4(data.get("llama_4_scaling"), source)
         get = _field_getter(data, source)
@@ -362,6 +367,7 @@ class MistralConfig:
             num_experts_per_tok=per_token,
             llama4_scaling_beta=llama4_beta,
             llama4_scaling_original_max=llama4_period,
+            wrapper="mistral3" if vision else None,
         )
 
 

@@ -201,7 +201,10 @@ def load_model(
             files = shard_files(
                 path, "consolidated.safetensors.index.json", "consolidated.safetensors"
             )
-            native = iter_safetensors(files)
+            if config.wrapper is not None:  # vision-language: its text model only
+                config, native = vlm.text_tensors(files, config, path, native=True)
+            else:
+                native = iter_safetensors(files)
             tensors = (names.native_to_hf(n, w, config) + (f,) for n, w, f in native)
         for f in files:  # check every header before placing anything
             read_header(f)

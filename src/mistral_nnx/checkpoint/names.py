@@ -171,6 +171,20 @@ def text_model_name(name: str) -> str | None:
     return name
 
 
+# Mistral-native vision-language checkpoints (consolidated.safetensors of Pixtral / Mistral 3).
+NATIVE_UNREAD_PREFIXES = (
+    "vision_encoder.",
+    "vision_language_adapter.",
+    "patch_merger.",
+    "pre_mm_projector_norm.",
+)
+
+
+def native_text_name(name: str) -> str | None:
+    """None for the vision encoder's native tensors (never read); other names unchanged."""
+    return None if name.startswith(NATIVE_UNREAD_PREFIXES) else name
+
+
 # Tensors some HF checkpoints carry that hold no weights of this network.
 IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 
