@@ -180,10 +180,81 @@ def test_logprobs_are_model_log_softmax() -> None:
 
 
 def test_bfloat16_logits() -> None:
-    logits = jax.random.normal(jax.random.key(12), (3, 100)).astype(jnp.bfloat16)
-    sampling = BatchSampling.from_params(SamplingParams(temperature=1.0, top_k=3), 3)
-    tokens, logprobs = sample_jit(logits, jax.random.key(13), sampling)
+    """bfloat16 logits are sampled from their float32 values: the token is among the 3 kept,
+    logprobs are float32 log_softmax of the same values, greedy rows take their argmax."""
+    logits = (jax.random.normal(jax.random.key(12), (64, 100)) * 3.0).astype(jnp.bfloat16)
+    as_f32 = np.asarray(logits.astype(jnp.float32))
+    top3 = np.argsort(-as_f32, axis=-1)[:, :3]
+    rows = [SamplingParams(temperature=1.0, top_k=3)] * 32 + [SamplingParams()] * 32
+    tokens, logprobs = sample_jit(logits, jax.random.key(13), BatchSampling.from_params(rows, 64))
     assert tokens.dtype == jnp.int32 and logprobs.dtype == jnp.float32
+    tokens = np.asarray(tokens)
+    assert all(t in top3[i] for i, t in enumerate(tokens[:32]))
+    assert len(set(tokens[:32].tolist()) - set(top3[:32, 0].tolist())) > 0  # not all greedy
+    np.testing.assert_array_equal(tokens[32:], as_f32[32:].argmax(-1))
+    shifted = as_f32 - as_f32.max(-1, keepdims=True)
+    expected = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    np.testing.assert_allclose(logprobs, expected[np.arange(64), tokens], rtol=0, atol=2e-6)
+
+
+# ---- kept token sets against transformers' logits warpers ---------------------------------------
+def _hf_kept(logits: np.ndarray, temperature: float, top_k=None, top_p=None, min_p=None):
+    """transformers' generate order: temperature, top-k, top-p, min-p (its warpers)."""
+    import torch
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    scores = torch.tensor(logits)
+    warpers = [TemperatureLogitsWarper(temperature)]
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    if min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p))
+    for warper in warpers:
+        scores = warper(None, scores)
+    return np.isfinite(scores.numpy()), torch.softmax(scores, -1).numpy()
+
+
+FILTERS = [
+    dict(top_k=1),
+    dict(top_k=7),
+    dict(top_k=60),
+    dict(top_p=0.3),
+    dict(top_p=0.8),
+    dict(top_p=0.97),
+    dict(min_p=0.02),
+    dict(min_p=0.3),
+    dict(top_k=40, top_p=0.6),
+    dict(top_k=8, min_p=0.1),
+    dict(top_p=0.9, min_p=0.05),
+    dict(top_k=30, top_p=0.85, min_p=0.02),
+]
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_kept_sets_match_transformers_warpers(temperature: float) -> None:
+    from mistral_nnx.sampling import _filter
+
+    rng = np.random.default_rng(int(temperature * 10))
+    logits = (rng.standard_normal((len(FILTERS) * 16, 500)) * 2.5).astype(np.float32)
+    rows = [SamplingParams(temperature=temperature, **f) for f in FILTERS for _ in range(16)]
+    sampling = BatchSampling.from_params(rows, len(rows))
+    ours = np.isfinite(np.asarray(jax.jit(_filter)(jnp.asarray(logits / temperature), sampling)))
+    for i, f in enumerate(FILTERS):
+        block = slice(16 * i, 16 * i + 16)
+        kept, _ = _hf_kept(logits[block], temperature, **f)
+        assert 1 <= kept.sum(-1).min() and kept.sum(-1).max() < 500, f  # the filter acts
+        np.testing.assert_array_equal(ours[block], kept, err_msg=str(f))
+    # And `sample` draws only kept tokens.
+    keys = jax.random.split(jax.random.key(3), 16)
+    drawn = np.asarray(jax.vmap(lambda k: sample_jit(jnp.asarray(logits), k, sampling)[0])(keys))
+    assert ours[np.arange(len(rows))[None], drawn].all()
 
 
 def test_jit_does_not_retrace_for_new_values() -> None:
