@@ -14,6 +14,7 @@ The adapter shapes follow the weights' einsum layouts: A [in..., r], B [r, out..
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -84,16 +85,23 @@ class LoraConfig:
         return tuple(SHORT_TARGETS.get(t, t) for t in self.targets)
 
 
-def _he_uniform_f32(key: jax.Array, shape: Sequence[int], dtype: Any = None) -> jax.Array:
-    del dtype  # adapters are float32 whatever the base dtype
-    return jax.nn.initializers.he_uniform()(key, shape, jnp.float32)
-
-
 def _zeros_f32(key: jax.Array, shape: Sequence[int], dtype: Any = None) -> jax.Array:
+    """qwix's initialiser for both adapters while tracing: float32 whatever the base dtype (the
+    values are filled in by apply_lora)."""
     del key, dtype
     return jnp.zeros(shape, jnp.float32)
 
 
+def init_a(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """He-uniform over the input dimension (qwix's default for A): U(-sqrt(6/in), sqrt(6/in))."""
+    limit = np.sqrt(6.0 / int(np.prod(shape[:-1])))
+    return rng.uniform(-limit, limit, shape).astype(np.float32)
+
+
+_CLASSES: dict[Any, type] = {}
+
+
+@functools.cache
 def _provider(config: LoraConfig) -> Any:
     import qwix
     from qwix._src.providers import ptq
@@ -134,33 +142,60 @@ def _provider(config: LoraConfig) -> Any:
         rank=config.rank,
         alpha=float(config.alpha),
         dropout=config.dropout,
-        lora_a_initializer=_he_uniform_f32,
+        lora_a_initializer=_zeros_f32,
         lora_b_initializer=_zeros_f32,
     )
 
 
 def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
-    """A copy of `model` with LoRA adapters (A random, B = 0, float32) on the target weights.
+    """A copy of `model` with LoRA adapters (A he-uniform, B = 0, float32) on the target weights
+    (an abstract model gets abstract adapters: shapes only).
 
-    qwix creates the adapters while running the model once; that run is traced (nnx.jit) so
-    that qwix can follow a weight through reshapes back to its parameter.
+    qwix builds the adapted model while running it once; that run is only traced (nnx.eval_shape:
+    no compile, and qwix can follow a reshaped weight back to its parameter while tracing). The
+    base weights are then shared with `model` and the adapters initialised here from `seed`.
     """
     import qwix
 
     provider = _provider(config)
     tokens = jnp.zeros((1, 2), jnp.int32)
+    current = dict(nnx.to_flat_state(nnx.state(model)))
+    shapes_only = isinstance(current[("embed",)].get_value(), jax.ShapeDtypeStruct)
 
-    @nnx.jit
     def build(m: Mistral) -> Mistral:
-        return qwix.apply_lora_to_model(m, provider, tokens, rngs=nnx.Rngs(params=seed))
+        return qwix.apply_lora_to_model(
+            m, provider, tokens, rngs=nnx.Rngs(params=seed, dropout=seed)
+        )
 
-    lora_model: Mistral = build(model)
-    if not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(lora_model)):
+    # A concrete model is closed over rather than passed: its weights stay concrete arrays while
+    # tracing, which keeps qwix's per-weight lookups cheap (on tracers they scan the whole trace).
+    if shapes_only:
+        abstract = nnx.eval_shape(build, model)
+    else:
+        abstract = nnx.eval_shape(lambda: build(model))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    adapters = 0
+    for path, var in nnx.to_flat_state(state):
+        if not isinstance(var, nnx.LoRAParam):
+            var.set_value(current[path].get_value())
+            continue
+        adapters += 1
+        shape = tuple(var.get_value().shape)
+        if shapes_only:
+            continue  # an abstract model (shapes only) gets abstract adapters
+        if str(path[-1]).endswith("_lora_b"):
+            var.set_value(jnp.zeros(shape, jnp.float32))
+        else:
+            var.set_value(jnp.asarray(init_a(rng, shape)))
+    if not adapters:
         raise MistralNNXError(f"LoRA targets {list(config.targets)} match no weight of the model")
-    lora_model.set_attributes(
-        qwix_rngs=nnx.Rngs(dropout=seed + 1) if config.dropout > 0 else None,
-        raise_if_not_found=False,
-    )
+    lora_model: Mistral = nnx.merge(graphdef, state)
+    # qwix makes a new subclass (holding the intercepted __call__) on every call; one per
+    # provider keeps graphdefs of equal setups equal, so they share compiled programs.
+    lora_model.__class__ = _CLASSES.setdefault(provider, type(lora_model))
+    if config.dropout > 0:
+        lora_model.set_attributes(qwix_rngs=nnx.Rngs(dropout=seed + 1), raise_if_not_found=False)
     return lora_model
 
 

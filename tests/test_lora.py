@@ -1,0 +1,161 @@
+"""LoRA through qwix: counts, targets, float32 adapters, step-0 equivalence, and the same
+function as HF PEFT (scaling alpha / r, layouts) on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mistral_nnx
+from mistral_nnx.train.export import peft_tensors, set_peft_tensors
+from mistral_nnx.train.lora import LoraConfig, apply_lora, count_params, lora_pairs, merge_lora
+
+TINY = mistral_nnx.MistralConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, layer_windows=(None, 4),
+)  # fmt: skip
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+
+
+@nnx.jit
+def logits(model: mistral_nnx.Mistral, tokens: jax.Array) -> jax.Array:
+    return model(tokens)
+
+
+def randomize_b(model: mistral_nnx.Mistral, seed: int = 0) -> None:
+    for i, (path, var) in enumerate(nnx.iter_graph(model)):
+        if isinstance(var, nnx.LoRAParam) and str(path[-1]).endswith("_lora_b"):
+            key = jax.random.key(seed * 1000 + i)
+            var.set_value(0.1 * jax.random.normal(key, var.get_value().shape))
+
+
+def test_mistral_7b_rank16_all_projections_trains_41943040_params() -> None:
+    """The issue's figure for Mistral-7B (32 layers); counted on 4 of its layers (tracing all
+    32 costs half a minute), per-layer counts being identical."""
+    config = mistral_nnx.MistralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=4,
+        num_heads=32, num_kv_heads=8, head_dim=128, layer_windows=(4096,) * 4,
+    )  # fmt: skip
+    model = apply_lora(mistral_nnx.Mistral(config, abstract=True), LoraConfig(16, 32))
+    assert count_params(model, nnx.LoRAParam) == 41_943_040 * 4 // 32
+
+
+def test_targets_rank_and_float32_adapters_on_bfloat16_base() -> None:
+    base = mistral_nnx.Mistral(TINY, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = apply_lora(base, LoraConfig(rank=4, alpha=8, targets=("q", "down")))
+    pairs = lora_pairs(model)
+    assert sorted(pairs) == [f"layers/{i}/{w}" for i in (0, 1) for w in ("attn/wq", "mlp/down")]
+    for a, b in pairs.values():
+        assert a.dtype == b.dtype == jnp.float32 and a.shape[-1] == b.shape[0] == 4
+    assert base.layers[0].attn.wq[...].dtype == jnp.bfloat16
+    # step 0 (B = 0): the same logits as the base model, bit for bit
+    np.testing.assert_array_equal(logits(model, TOKENS), logits(base, TOKENS))
+    regex = apply_lora(base, LoraConfig(rank=2, alpha=2, targets=(r"layers/1/attn/w[qv]",)))
+    assert sorted(lora_pairs(regex)) == ["layers/1/attn/wq", "layers/1/attn/wv"]
+
+
+def test_step0_equivalence_float32() -> None:
+    base = mistral_nnx.Mistral(TINY)
+    model = apply_lora(base, LoraConfig(rank=8, alpha=16))
+    assert len(lora_pairs(model)) == 14
+    np.testing.assert_array_equal(logits(model, TOKENS), logits(base, TOKENS))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rank=0), "rank"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(targets=("(",)), "regex"),
+    ],
+)
+def test_bad_lora_settings(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(mistral_nnx.MistralNNXError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_target_matching_nothing_is_an_error() -> None:
+    with pytest.raises(mistral_nnx.MistralNNXError, match="match no weight"):
+        apply_lora(mistral_nnx.Mistral(TINY), LoraConfig(targets=("lm_head",)))
+
+
+def test_eager_call_is_refused() -> None:
+    model = apply_lora(mistral_nnx.Mistral(TINY), LoraConfig(rank=2, alpha=2))
+    with pytest.raises(mistral_nnx.MistralNNXError, match="jit"):
+        model(TOKENS)
+
+
+def test_merge_equals_adapters() -> None:
+    model = apply_lora(mistral_nnx.Mistral(TINY), LoraConfig(rank=4, alpha=8))
+    randomize_b(model)
+    merged = merge_lora(model, 2.0)
+    assert count_params(merged, nnx.LoRAParam) == 0
+    base_out = logits(mistral_nnx.Mistral(TINY), TOKENS)
+    lora_out = logits(model, TOKENS)
+    assert float(jnp.abs(lora_out - base_out).max()) > 1e-2  # the adapters do something
+    np.testing.assert_allclose(logits(merged, TOKENS), lora_out, atol=2e-5, rtol=1e-5)
+
+
+def peft_model(directory: Path, hf: Any, rank: int, alpha: float, seed: int = 0) -> Any:
+    import peft
+    import torch
+
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    )
+    model = peft.get_peft_model(hf, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B = 0 at init: make the adapters matter
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_same_function_as_peft(tmp_path: Path) -> None:
+    """PEFT adapters copied into ours: same logits, and our export reads back PEFT's tensors."""
+    import torch
+    from conftest import build_hf
+
+    hf = build_hf("mistral", tmp_path / "base", seed=3, sliding_window=4, num_hidden_layers=2)
+    rank, alpha = 4, 12.0  # alpha / r = 3: a scaling bug (alpha, or 1) cannot pass
+    pm = peft_model(tmp_path / "base", hf, rank, alpha)
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    base = mistral_nnx.load_model(tmp_path / "base", progress=False)
+    model = apply_lora(base, LoraConfig(rank=rank, alpha=alpha))
+    assert count_params(model, nnx.LoRAParam) == trainable
+    theirs = {
+        k.replace(".default", ""): v.detach().numpy()
+        for k, v in pm.state_dict().items()
+        if "lora_" in k
+    }
+    set_peft_tensors(model, theirs, "peft")
+    ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        want = pm(torch.tensor(ids)).logits.numpy()
+        plain = hf.get_base_model()(torch.tensor(ids)).logits.numpy() if False else None
+    del plain
+    got = np.asarray(logits(model, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    back = peft_tensors(model)
+    assert sorted(back) == sorted(theirs)
+    for k, v in theirs.items():
+        np.testing.assert_array_equal(back[k], v)
