@@ -90,8 +90,8 @@ class DecodeState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StopRules:
-    eos_ids: jax.Array  # [E]
-    sequences: jax.Array  # [S, L] right-aligned token sequences, -2 = wildcard padding
+    eos_ids: jax.Array  # [E], or [B, E] per row (-3 = none)
+    sequences: jax.Array  # [S, L] or [B, S, L] right-aligned token sequences, -2 = wildcard
     max_new: jax.Array  # [B]
 
 
@@ -130,10 +130,11 @@ def _finish_check(state: DecodeState, new: jax.Array, rules: StopRules) -> Decod
         state.history,
     )
     count = state.count + active
-    is_eos = jnp.any(new[:, None] == rules.eos_ids[None, :], axis=1)
-    seqs = rules.sequences
-    matches = (seqs[None] == history[:, None]) | (seqs[None] == -2)
-    is_stop_seq = jnp.any(jnp.all(matches, axis=-1), axis=-1) if seqs.shape[0] else False
+    eos = rules.eos_ids if rules.eos_ids.ndim == 2 else rules.eos_ids[None, :]
+    is_eos = jnp.any(new[:, None] == eos, axis=1)
+    seqs = rules.sequences if rules.sequences.ndim == 3 else rules.sequences[None]
+    matches = (seqs == history[:, None]) | (seqs == -2)
+    is_stop_seq = jnp.any(jnp.all(matches, axis=-1), axis=-1) if seqs.shape[1] else False
     stop = active & (is_eos | is_stop_seq)
     length = active & ~stop & (count >= rules.max_new)
     finish = jnp.where(stop, FINISH_STOP, jnp.where(length, FINISH_LENGTH, state.finish))
