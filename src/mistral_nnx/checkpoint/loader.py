@@ -164,12 +164,21 @@ def load_model(
     mesh: jax.sharding.Mesh | None = None,
     rules: str | Rules | None = None,
     progress: bool = True,
+    adapters: str | os.PathLike[str] | None = None,
 ) -> Mistral:
     """Load a checkpoint (HF safetensors, Mistral native, GGUF or this project's orbax format).
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With a
     `mesh`, every tensor goes straight into its shards under `rules` (a preset name or mapping).
+    `adapters`: a LoRA adapter directory in PEFT's format, merged into the weights.
     """
+    if adapters is not None:
+        from mistral_nnx.train.export import load_adapters
+
+        base = load_model(
+            source, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress
+        )
+        return load_adapters(base, adapters)
     dtype = _float_dtype(dtype, "dtype")
     param_dtype = dtype if param_dtype is None else _float_dtype(param_dtype, "param_dtype")
     path = resolve_source(source)

@@ -1,0 +1,93 @@
+"""Export: PEFT adapters (PeftModel.from_pretrained), merged HF checkpoints (transformers and
+load_model), load_model(adapters=)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_fixtures import write_model
+
+import mistral_nnx
+from mistral_nnx.train.export import save_adapters, save_merged_hf
+from mistral_nnx.train.lora import LoraConfig, apply_lora
+
+
+@nnx.jit
+def logits(model: mistral_nnx.Mistral, tokens: jax.Array) -> jax.Array:
+    return model(tokens)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, LoraConfig]:
+    """A tiny base checkpoint and a LoRA model on it with random (nonzero) B."""
+    root = tmp_path_factory.mktemp("export")
+    write_model(root / "base", seed=5, sliding_window=8)
+    lora = LoraConfig(rank=4, alpha=12, targets=("q", "v", "o", "down"))
+    model = apply_lora(mistral_nnx.load_model(root / "base", progress=False), lora, seed=1)
+    for i, (path, var) in enumerate(nnx.iter_graph(model)):
+        if isinstance(var, nnx.LoRAParam) and str(path[-1]).endswith("_lora_b"):
+            var.set_value(0.1 * jax.random.normal(jax.random.key(i), var.get_value().shape))
+    return root, model, lora
+
+
+IDS = np.random.default_rng(2).integers(0, 300, (2, 13))
+
+
+def torch_logits(model: Any) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.numpy()
+
+
+def test_peft_adapters_load_in_peft_and_in_load_model(trained: Any) -> None:
+    import peft
+    import transformers
+
+    root, model, lora = trained
+    out = save_adapters(model, lora, root / "adapter", base_model=str(root / "base"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 12
+    ours = np.asarray(logits(model, jnp.asarray(IDS, jnp.int32)))
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    theirs = torch_logits(peft.PeftModel.from_pretrained(base, out).eval())
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+    loaded = mistral_nnx.load_model(root / "base", adapters=out, progress=False)
+    np.testing.assert_allclose(logits(loaded, jnp.asarray(IDS, jnp.int32)), ours, atol=1e-4)
+
+
+def test_merged_checkpoint_loads_in_transformers_and_load_model(trained: Any) -> None:
+    import transformers
+
+    root, model, lora = trained
+    files = [root / "base" / "tokenizer.json", root / "base" / "tokenizer_config.json"]
+    out = save_merged_hf(model, root / "merged", tokenizer_files=files, lora=lora)
+    ours = np.asarray(logits(model, jnp.asarray(IDS, jnp.int32)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.config.sliding_window == 8
+    np.testing.assert_allclose(torch_logits(hf), ours, atol=1e-4, rtol=1e-4)
+    again = mistral_nnx.load_model(out, progress=False)
+    np.testing.assert_allclose(logits(again, jnp.asarray(IDS, jnp.int32)), ours, atol=1e-4)
+    tokenizer = mistral_nnx.load_tokenizer(out)
+    chat = [{"role": "user", "content": "hi"}]
+    assert tokenizer.encode_chat(chat) == mistral_nnx.load_tokenizer(root / "base").encode_chat(
+        chat
+    )
+
+
+def test_bad_adapter_directory(trained: Any, tmp_path: Path) -> None:
+    root, _, _ = trained
+    with pytest.raises(mistral_nnx.MistralNNXError, match="adapter_config.json"):
+        mistral_nnx.load_model(root / "base", adapters=tmp_path, progress=False)
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    )
+    with pytest.raises(mistral_nnx.MistralNNXError, match="adapter_model.safetensors"):
+        mistral_nnx.load_model(root / "base", adapters=tmp_path, progress=False)
