@@ -337,3 +337,10 @@ def test_gguf_stacked_experts_match_hf(mixtral, tmp_path):
     model = mn.load_model(tmp_path / "mixtral.gguf", progress=False)
     assert (model.config.num_experts, model.config.num_experts_per_tok) == (4, 2)
     assert _max_err(model, hf_model, _tokens()) < 1e-4
+    # `mistral-nnx convert` carries the stacked experts into the orbax format.
+    from mistral_nnx import cli
+
+    assert cli.main(["convert", str(directory), str(tmp_path / "orbax")]) == 0
+    converted = mn.load_model(tmp_path / "orbax", progress=False)
+    assert converted.config.num_experts == 4
+    assert _max_err(converted, hf_model, _tokens()) < 1e-4
