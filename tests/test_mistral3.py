@@ -89,11 +89,15 @@ def build_ministral3(directory: Path | None, seed: int = 0, **overrides: Any) ->
     return _finish(tf.Ministral3ForCausalLM(config), directory, seed)
 
 
-def build_mistral3(directory: Path | None, seed: int = 0, tie: bool = False) -> Any:
+def build_mistral3(
+    directory: Path | None, seed: int = 0, tie: bool = False, text_type: str = "ministral3"
+) -> Any:
     import transformers as tf
 
     torch.manual_seed(seed)
-    text = {**TEXT, "model_type": "ministral3", "rope_parameters": dict(YARN_MINISTRAL)}
+    text = {**TEXT, "model_type": text_type, "sliding_window": None}
+    if text_type == "ministral3":
+        text["rope_parameters"] = dict(YARN_MINISTRAL)
     config = tf.Mistral3Config(text_config=text, vision_config=VISION, tie_word_embeddings=tie)
     return _finish(tf.Mistral3ForConditionalGeneration(config), directory, seed)
 
@@ -115,6 +119,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, An
             ),
         ),
         "mistral3": (root / "vl", build_mistral3(root / "vl", 2)),
+        # Mistral Small 3.1 / 3.2: the wrapper around a plain mistral text model.
+        "mistral3_mistral": (root / "vlm", build_mistral3(root / "vlm", 4, text_type="mistral")),
     }
     torch.manual_seed(3)
     mistral = tf.MistralForCausalLM(tf.MistralConfig(**TEXT, rope_parameters=dict(YARN_PAPER)))
@@ -137,7 +143,9 @@ def _max_err(model: mn.Mistral, hf_model: Any, tokens: np.ndarray) -> float:
 
 
 # ---- parity --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["ministral3", "ministral3_window", "mistral_yarn", "mistral3"])
+@pytest.mark.parametrize(
+    "name", ["ministral3", "ministral3_window", "mistral_yarn", "mistral3", "mistral3_mistral"]
+)
 def test_logits_match_transformers(models, name):
     directory, hf_model = models[name]
     model = mn.load_model(directory, progress=False)
