@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace DST if it is a converted checkpoint (anything else is refused)",
     )
     conv.add_argument("-v", "--verbose", action="store_true", help="say what was done")
+    from mistral_nnx.train.cli import add_finetune_parser, run_finetune
+
+    add_finetune_parser(sub)
+    COMMANDS["finetune"] = run_finetune
     return parser
 
 

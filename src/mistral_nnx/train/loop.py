@@ -127,7 +127,9 @@ def finetune(
         model, tokenizer, source, tokenizer_files = _load(cfg)
     context = model.config.max_position_embeddings
     if cfg.seq_len > context:
-        raise MistralNNXError(f"seq_len {cfg.seq_len} exceeds the model's context length {context}")
+        raise MistralNNXError(
+            f"seq_len (--seq-len) {cfg.seq_len} exceeds the model's context length {context}"
+        )
     examples = load_examples(cfg.data, tokenizer, cfg.seq_len)
     eval_examples = load_examples(cfg.eval_data, tokenizer, cfg.seq_len) if cfg.eval_data else []
     ckpt_dir = out / "checkpoints"

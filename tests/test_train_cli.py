@@ -1,0 +1,71 @@
+"""`mistral-nnx finetune`: a full fine-tune end to end, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_fixtures import CHATS, write_jsonl, write_model
+
+import mistral_nnx
+from mistral_nnx.cli import main
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    write_model(root / "base", seed=7)
+    return root / "base"
+
+
+def test_full_finetune_writes_log_checkpoint_and_merged_model(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", CHATS)
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(base), "--data", str(data), "--out", str(out), "--full"]
+    args += ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-3", "-q"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "trained 3 steps" in err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert (out / "checkpoints" / "step_00000003" / "meta.json").is_file()
+    merged = mistral_nnx.load_model(out / "merged", progress=False)
+    before = mistral_nnx.load_model(base, progress=False)
+    ids = jnp.asarray(np.arange(12).reshape(1, 12), jnp.int32)
+    assert float(jnp.abs(merged(ids) - before(ids)).max()) > 1e-3  # every weight trained
+    assert (out / "merged" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora-rank", "0"], "argument --lora-rank: must be a positive integer"),
+        (["--seq-len", "100000"], "--seq-len) 100000 exceeds the model's context length 512"),
+        (["--lora-targets", "lm_head"], "match no weight"),
+        (["--mesh", "data=3"], "mesh"),
+    ],
+)
+def test_bad_arguments_one_line(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", CHATS)
+    args = ["finetune", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, "-q", "--seq-len", "32", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mistral-nnx: error: ") and message in err
+
+
+def test_malformed_line_named(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(CHATS[0]) + "\n" + '{"messages": [{"role": "user"}]}\n')
+    args = ["finetune", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, "-q", "--seq-len", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{data}:2: message 0" in err
