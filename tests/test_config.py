@@ -512,7 +512,8 @@ MIXTRAL_22 = "Mixtral-8x22B-v0.1"
 SMALL_32 = "Mistral-Small-3.2-24B-Instruct-2506"
 MINISTRAL3 = {3: "Ministral-3-3B-Instruct-2512", 8: "Ministral-3-8B-Instruct-2512"}
 MINISTRAL3[14] = "Ministral-3-14B-Instruct-2512"
-MOE_AND_GENERATION_3 = [MIXTRAL_7, MIXTRAL_22, SMALL_32, *MINISTRAL3.values()]
+DEVSTRAL_2 = "Devstral-Small-2-24B-Instruct-2512"
+MOE_AND_GENERATION_3 = [MIXTRAL_7, MIXTRAL_22, SMALL_32, *MINISTRAL3.values(), DEVSTRAL_2]
 
 
 @pytest.mark.parametrize(
@@ -570,3 +571,13 @@ def test_ministral3_attention_factor_is_one() -> None:
     from mistral_nnx.rope import rope_parameters
 
     assert rope_parameters(hf(MINISTRAL3[8]))[1] == 1.0
+
+
+def test_devstral_small_2_is_ministral3_on_the_small_backbone() -> None:
+    config = hf(DEVSTRAL_2)
+    assert config.wrapper == "mistral3" and config.model_type == "ministral3"
+    assert config.rope_theta == 1e8
+    scaling = config.rope_scaling_dict
+    assert (scaling["factor"], scaling["original_max_position_embeddings"]) == (48.0, 8192)
+    assert (config.llama4_scaling_beta, config.llama4_scaling_original_max) == (0.1, 8192)
+    assert config.num_parameters() == hf(SMALL).num_parameters()  # 23.6B + 0.4B vision: "24B"
