@@ -168,7 +168,8 @@ class Engine:
         self.ready = threading.Event()  # warm: every program compiled
         self.stats = EngineStats()
         self.on_first_token: Callable[[float], None] | None = None  # seconds since submit
-        self.on_tokens: Callable[[int, float], None] | None = None  # count, seconds per token
+        # (tokens delivered, seconds per decode step or None for a request's first token)
+        self.on_tokens: Callable[[int, float | None], None] | None = None
         self._init_device_state()
 
     # ---- public API ---------------------------------------------------------------------------
@@ -334,15 +335,25 @@ class Engine:
             [int(np.asarray(first)[0, 0])],
             [float(np.asarray(first_lp)[0, 0])],
             _FINISH_NAMES.get(finish) if done else None,
+            None,
         )
 
-    def _deliver(self, slot: int, tokens: list[int], lps: list[float], reason: str | None) -> None:
+    def _deliver(
+        self,
+        slot: int,
+        tokens: list[int],
+        lps: list[float],
+        reason: str | None,
+        step_seconds: float | None,
+    ) -> None:
         entry = self._slots[slot]
         assert entry is not None
         request = entry.handle.request
         delta = entry.output.advance(0, tokens, lps, reason, request.logprobs)
         entry.generated += len(delta.tokens)
         self.stats.generated_tokens += len(delta.tokens)
+        if self.on_tokens is not None and delta.tokens:
+            self.on_tokens(len(delta.tokens), step_seconds)
         if delta.tokens or delta.text or delta.finish_reason:
             entry.handle._emit(delta)
         if delta.finish_reason is not None:
@@ -410,9 +421,8 @@ class Engine:
                     valid = tokens[slot] >= 0
                     new = [int(t) for t in tokens[slot][valid]]
                     reason = _FINISH_NAMES.get(int(finish[slot])) if done[slot] else None
-                    if self.on_tokens is not None and new:
-                        self.on_tokens(len(new), per_token)
-                    self._deliver(slot, new, [float(x) for x in lps[slot][valid]], reason)
+                    lp = [float(x) for x in lps[slot][valid]]
+                    self._deliver(slot, new, lp, reason, per_token)
                 self._update_counts()
         except BaseException as err:  # the server reports it (health 503); callers are told
             self.error = err

@@ -102,6 +102,10 @@ def _seed(text: str) -> int:
     return _integer(text, 0, 2**64 - 1)
 
 
+def _port(text: str) -> int:
+    return _integer(text, 1, 65535)
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -234,6 +238,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace DST if it is a converted checkpoint (anything else is refused)",
     )
     conv.add_argument("-v", "--verbose", action="store_true", help="say what was done")
+
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (continuous batching)",
+        description="Serve the model over the OpenAI API (/v1/chat/completions, "
+        "/v1/completions, /v1/models) plus /health, /metrics, /tokenize and /detokenize. "
+        "Requests share --max-slots decode slots; more wait in a queue of --max-queue.",
+        formatter_class=_Formatter,
+    )
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--max-slots", type=_positive_int, default=16, help="requests decoded together"
+    )
+    serve.add_argument(
+        "--max-seq-len",
+        type=_positive_int,
+        help="positions per slot (prompt + completion); the KV cache holds max-slots x this "
+        "(default: the model's context, at most 2048)",
+    )
+    serve.add_argument(
+        "--max-queue", type=_positive_int, default=256, help="waiting requests before 503"
+    )
+    serve.add_argument(
+        "--decode-steps", type=_positive_int, default=8, help="decode steps per host round trip"
+    )
+    serve.add_argument(
+        "--prefill-chunk",
+        type=_positive_int,
+        default=512,
+        help="prompt tokens per prefill call (prompt buckets go up to this; all are compiled "
+        "at start-up)",
+    )
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1")
+    serve.add_argument(
+        "--served-model-name", help="the model name clients use (default: from the source)"
+    )
+    serve.set_defaults(temperature=0.0, top_k=None, top_p=None, min_p=None, max_new_tokens=1)
     from mistral_nnx.train.cli import add_finetune_parser, run_finetune
 
     add_finetune_parser(sub)
@@ -273,6 +316,7 @@ class _Interrupts:
     def __init__(self) -> None:
         self.stop_reply = threading.Event()
         self.reply_active = False
+        self.passthrough = False  # another handler (the HTTP server's) owns Ctrl-C now
         self._installed = False
 
     def __enter__(self) -> _Interrupts:
@@ -298,7 +342,7 @@ class _Interrupts:
         read = self._read
         try:
             while data := read.recv(64):
-                if signal.SIGINT not in data:
+                if signal.SIGINT not in data or self.passthrough:
                     continue
                 if self.reply_active and not self.stop_reply.is_set():
                     self.stop_reply.set()
@@ -569,6 +613,73 @@ def cmd_convert(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     return 0
 
 
+SERVE_DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def cmd_serve(args: argparse.Namespace, interrupts: _Interrupts) -> int:
+    if args.num_processes is not None and args.num_processes > 1:
+        raise MistralNNXError("serve runs on one process (multi-host serving is not supported)")
+    _check_port_free(args.host, args.port)
+    session = _Session(args)
+    max_seq_len = args.max_seq_len or min(session.context, SERVE_DEFAULT_MAX_SEQ_LEN)
+    name = args.served_model_name or _model_name(session.source)
+    session.load_weights()
+
+    import uvicorn
+
+    from mistral_nnx.batching import Engine
+    from mistral_nnx.server import create_app
+
+    engine = Engine(
+        session.model,
+        session.tokenizer,
+        max_slots=args.max_slots,
+        max_seq_len=max_seq_len,
+        decode_steps=args.decode_steps,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+    )
+    app = create_app(engine, name, api_key=args.api_key)
+    engine.start()
+    print(
+        f"mistral-nnx: serving '{name}' on http://{args.host}:{args.port}/v1 "
+        f"({args.max_slots} slots x {max_seq_len} positions); /health is 200 once warm",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    interrupts.passthrough = True  # uvicorn: Ctrl-C / SIGTERM stop accepting, then shut down
+    # uvicorn raises the signal it caught again once it is done; make SIGTERM's harmless.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        engine.stop()
+    print("mistral-nnx: server stopped", file=sys.stderr)
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise MistralNNXError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+def _model_name(source: Path) -> str:
+    if source.is_file():
+        return source.name.removesuffix(".gguf")
+    return source.resolve().name
+
+
 def _leave_if_multiprocess(code: int) -> None:
     """In a multi-process run, exit now: a normal exit would wait at jax's shutdown barrier for
     peers that may be stuck waiting for this process."""
@@ -581,7 +692,12 @@ def _leave_if_multiprocess(code: int) -> None:
             exit_process(code)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert}
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "convert": cmd_convert,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
