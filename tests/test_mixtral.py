@@ -101,6 +101,16 @@ def test_logits_match_transformers(mixtral, name):
     assert out.std(axis=-1).min() > 1e-2
 
 
+def test_bfloat16_weights_within_bfloat16_tolerance(mixtral):
+    directory, hf_model = mixtral["window16"]
+    model = mn.load_model(directory, dtype=jnp.bfloat16, progress=False)
+    assert model.layers[0].mlp.gate[...].dtype == jnp.bfloat16
+    tokens = _tokens()
+    out, ref = np.asarray(model(jnp.asarray(tokens))), _reference(hf_model, tokens)
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
 def test_every_expert_is_used_and_matters(mixtral):
     """The router picks every expert somewhere, and zeroing one expert changes the logits."""
     directory, hf_model = mixtral["nowindow"]
