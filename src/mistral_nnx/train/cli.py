@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mistral_nnx.errors import MistralNNXError
-
 DESCRIPTION = (
     "Supervised fine-tuning, LoRA (default) or full, on a JSONL file of chat conversations "
     '({"messages": [...]}: the loss is on the assistant replies, rendered as `mistral-nnx chat` '
@@ -111,7 +109,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument(
         "--save-merged", action="store_true", help="also write merged HF weights (LoRA)"
     )
-    run.add_argument("--plot", action="store_true", help="write OUT/loss.png (needs matplotlib)")
+    run.add_argument("--plot", action="store_true", help="write the loss curve to OUT/loss.png")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -166,14 +164,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run_finetune(args: argparse.Namespace, interrupts: Any = None) -> int:
     """The `finetune` command: 0 on success (errors raise MistralNNXError)."""
-    from mistral_nnx.train.loop import finetune, loss_curve_png
+    from mistral_nnx.train.loop import finetune
+    from mistral_nnx.train.plot import loss_curve_png
 
     cfg = config_from_args(args)
     result = finetune(cfg)
     if args.plot:
         png = loss_curve_png(result.out / "log.jsonl", result.out / "loss.png")
-        if png is None:
-            raise MistralNNXError("--plot needs matplotlib (pip install matplotlib)")
         print(f"loss curve: {png}", file=sys.stderr)
     if result.losses:
         print(

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from mistral_nnx.errors import MistralNNXError
@@ -269,28 +268,3 @@ def _bar(cfg: FinetuneConfig, total: int, initial: int) -> Any:
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
-
-
-def loss_curve_png(log: Path, png: Path) -> Path | None:
-    """The loss curve of a run's log.jsonl as a PNG (needs matplotlib; None without it)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*np.array(train).T, label="train")
-    if evals:
-        ax.plot(*np.array(evals).T, "o-", label="eval")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png

@@ -132,6 +132,8 @@ class Trainer:
         if self.sharder is not None:
             _replicate_unplaced(model, self.sharder)
         optimizer = nnx.Optimizer(model, _transformation(optim), wrt=wrt)
+        if self.sharder is not None:
+            _replicate_unplaced(optimizer, self.sharder)
         self.graphdef, self.state = nnx.split((model, optimizer))
         # Every array committed to its device(s), as the step's outputs are: the second step
         # then reuses the first one's program.
@@ -163,10 +165,10 @@ class Trainer:
         return model  # type: ignore[no-any-return]
 
 
-def _replicate_unplaced(model: Mistral, sharder: Sharder) -> None:
-    """Adapters (and any variable not on the mesh yet) replicated over the mesh: small."""
+def _replicate_unplaced(module: nnx.Module, sharder: Sharder) -> None:
+    """Variables not on the mesh yet (adapters, optimizer counters) replicated over it."""
     mesh_devices = set(sharder.mesh.devices.flat)
-    for _, var in nnx.iter_graph(model):
+    for _, var in nnx.iter_graph(module):
         if isinstance(var, nnx.Variable) and isinstance(var.get_value(), jax.Array):
             value = var.get_value()
             if set(value.sharding.device_set) != mesh_devices:
