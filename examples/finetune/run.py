@@ -1,6 +1,6 @@
 """LoRA on the embedded SmolLM2-135M-Instruct: teach it to open every answer with "Ahoy, matey!".
 
-    python examples/finetune/run.py [--steps 120] [--out /tmp/smollm2-ahoy]
+    python examples/finetune/run.py [--steps 40] [--out /tmp/smollm2-ahoy]
 
 Generates greedy answers to held-out questions (eval.jsonl) before and after, fine-tunes on
 train.jsonl (40 conversations written for this example), reloads the base model with the saved
@@ -8,7 +8,7 @@ PEFT-format adapters (`load_model(base, adapters=...)`) and writes the loss curv
 Equivalent command line:
 
     mistral-nnx finetune --data examples/finetune/train.jsonl \\
-        --eval-data examples/finetune/eval.jsonl --out /tmp/smollm2-ahoy --steps 120 \\
+        --eval-data examples/finetune/eval.jsonl --out /tmp/smollm2-ahoy --steps 40 \\
         --batch-size 4 --seq-len 128 --lr 1e-3 --lora-rank 8 --lora-alpha 16 --plot
 """
 
@@ -41,7 +41,7 @@ def answers(model: mistral_nnx.Mistral, tokenizer: mistral_nnx.Tokenizer) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default="/tmp/smollm2-ahoy")
     args = parser.parse_args()
     source = default_model()

@@ -165,7 +165,7 @@ class Trainer:
         return model  # type: ignore[no-any-return]
 
 
-def _replicate_unplaced(module: nnx.Module, sharder: Sharder) -> None:
+def _replicate_unplaced(module: Any, sharder: Sharder) -> None:
     """Variables not on the mesh yet (adapters, optimizer counters) replicated over it."""
     mesh_devices = set(sharder.mesh.devices.flat)
     for _, var in nnx.iter_graph(module):
