@@ -45,17 +45,25 @@ def test_logits_agree_on_chat_prompt(ours, smollm2_hf):
     assert (out.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_greedy_32_tokens_identical(ours, smollm2_hf):
-    model, tokenizer = ours
+@pytest.fixture(scope="module")
+def hf_greedy32(ours, smollm2_hf):
+    """transformers' 32 greedy tokens for the chat prompt, EOS ignored."""
+    _, tokenizer = ours
     ids = tokenizer.encode_chat(MESSAGES)
     with torch.no_grad():
-        ref = smollm2_hf.generate(
+        return smollm2_hf.generate(
             torch.tensor([ids]),
             max_new_tokens=32,
             do_sample=False,
             eos_token_id=None,
             pad_token_id=0,
         )[0, len(ids) :].tolist()
+
+
+def test_greedy_32_tokens_identical(ours, hf_greedy32):
+    model, tokenizer = ours
+    ids = tokenizer.encode_chat(MESSAGES)
+    ref = hf_greedy32
     # Ignore EOS so both run the full 32 steps.
     model_eos = model.config.eos_token_ids
     model.config = model.config.replace(eos_token_ids=())
@@ -96,6 +104,41 @@ def test_stop_strings_cut_text_and_tokens(ours, decode_steps):
     n = len(out.tokens)
     assert out.tokens == free.tokens[:n]
     assert stop in tokenizer.decode(out.tokens) and stop not in tokenizer.decode(out.tokens[:-1])
+
+
+def test_stop_strings_match_transformers(ours, smollm2_hf, hf_tokenizer, hf_greedy32):
+    """generate(stop=...) against transformers' generate(stop_strings=...): the same tokens
+    (ending with the one that completed the stop string), and our text is transformers' text
+    cut before the stop. Stops inside one token, across two tokens, and the earliest of a list."""
+    model, tokenizer = ours
+    ids = tokenizer.encode_chat(MESSAGES)
+    answer = hf_greedy32[: hf_greedy32.index(2)]  # up to <|im_end|>
+    pieces = [hf_tokenizer.decode([t]) for t in answer]
+    text = "".join(pieces)
+    long = max(range(len(pieces) - 1), key=lambda i: len(pieces[i]))
+    boundary = len("".join(pieces[:2]))
+    assert len(pieces[long]) >= 4 and len(text) > boundary + 4
+    stops = [
+        [pieces[long][1:3]],  # inside one token
+        [text[boundary - 1 : boundary + 2]],  # across two tokens
+        ["zzqx", text[-4:-1], text[boundary + 1 : boundary + 4]],  # the earliest of a list
+    ]
+    for stop in stops:
+        with torch.no_grad():
+            ref = smollm2_hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=24,
+                do_sample=False,
+                pad_token_id=2,
+                stop_strings=stop,
+                tokenizer=hf_tokenizer,
+            )[0, len(ids) :].tolist()
+        assert len(ref) < len(answer), stop
+        out = generate(model, [ids], tokenizer=tokenizer, max_new_tokens=24, stop=stop)[0]
+        assert out.tokens == ref, stop
+        ref_text = hf_tokenizer.decode(ref, skip_special_tokens=True)
+        cut = min(i for s in stop if (i := ref_text.find(s)) >= 0)
+        assert out.text == ref_text[:cut] and out.finish_reason == "stop", stop
 
 
 def test_convert_gguf_to_orbax_keeps_tokenizer(ours, smollm2_path, tmp_path):
