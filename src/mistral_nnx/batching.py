@@ -91,10 +91,13 @@ class RequestHandle:
         self.cancelled.set()
 
     def _emit(self, item: Delta | BaseException) -> None:
-        if self._on_delta is not None:
-            self._on_delta(item)  # type: ignore[arg-type]
-        else:
+        if self._on_delta is None:
             self._queue.put(item)
+            return
+        try:
+            self._on_delta(item)  # type: ignore[arg-type]
+        except Exception:  # the consumer is gone (e.g. its event loop closed): stop, quietly
+            self.cancelled.set()
 
     def __iter__(self) -> Iterator[Delta]:
         while True:
@@ -119,6 +122,9 @@ class EngineStats:
     waiting: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+
+    def reset(self) -> None:
+        self.running = self.waiting = self.prompt_tokens = self.generated_tokens = 0
 
 
 class Engine:
@@ -225,7 +231,9 @@ class Engine:
             raise MistralNNXError("the engine is not running")
         handle = RequestHandle(request, on_delta)
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
+            # Requests bound for a free slot do not count against the queue.
+            free = sum(slot is None for slot in self._slots)
+            if len(self._waiting) >= self.max_queue + free:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self._waiting.append(handle)
             self.stats.waiting = len(self._waiting)
@@ -378,7 +386,7 @@ class Engine:
         self._decode_chunk()
         self._slots = [None] * self.max_slots
         self._init_device_state()
-        self.stats = EngineStats()
+        self.stats.reset()  # in place: the server's metrics hold a reference
 
     def _decode_chunk(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         self.cache, self.state, out_tok, out_lp = _decode(

@@ -138,7 +138,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rules",
         default="tp",
-        help="sharding preset (tp, fsdp, tp+fsdp, replicated) or custom rules, "
+        help="sharding preset (tp, fsdp, tp+fsdp, ep, replicated) or custom rules, "
         "e.g. q_heads=model,kv_heads=model,mlp=model,vocab=model,batch=data",
     )
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port")

@@ -146,15 +146,14 @@ class _Metrics:
 
         self.registry = CollectorRegistry()
         r = self.registry
-        stats = engine.stats
         Gauge("mistral_nnx_requests_running", "Requests in a slot", registry=r).set_function(
-            lambda: stats.running
+            lambda: engine.stats.running
         )
         Gauge("mistral_nnx_requests_waiting", "Requests queued", registry=r).set_function(
-            lambda: stats.waiting
+            lambda: engine.stats.waiting
         )
         Gauge("mistral_nnx_slot_occupancy", "Busy slots / slots", registry=r).set_function(
-            lambda: stats.running / engine.max_slots
+            lambda: engine.stats.running / engine.max_slots
         )
         Gauge("mistral_nnx_slots", "Decode slots", registry=r).set(engine.max_slots)
         self.prompt_tokens = Counter(
