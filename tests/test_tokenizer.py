@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -270,9 +269,6 @@ def test_gguf_matches_transformers(gguf_path: Path, gguf_tokenizer: Tokenizer) -
     _check_gguf_against(reference, gguf_tokenizer)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("MISTRAL_NNX_SLOW_TESTS"), reason="slow; set MISTRAL_NNX_SLOW_TESTS=1"
-)
 def test_gguf_matches_auto_tokenizer(gguf_path: Path, gguf_tokenizer: Tokenizer) -> None:
     from transformers import AutoTokenizer
 
