@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -95,6 +96,93 @@ def test_mistral_native_layout_matches_hf(hf_checkpoints, tmp_path):
     native = mn.load_model(tmp_path / "native", progress=False)
     assert native.config.layer_windows == (16, 16, 16)
     assert np.abs(_logits(native) - hf_logits).max() < 1e-5
+
+
+def _permute_for_rope(tensor: torch.Tensor, n_heads: int, dim1: int, dim2: int) -> torch.Tensor:
+    """transformers' own Mistral conversion (models/mistral/convert_mistral_weights_to_hf.py,
+    `permute_for_rope`): native q/k rows -> HF rows. An independent reading of the layout."""
+    tensor = tensor.view(n_heads, dim1 // n_heads // 2, 2, dim2)
+    tensor = tensor.transpose(1, 2)
+    return tensor.reshape(dim1, dim2)
+
+
+def test_native_matches_transformers_conversion(tmp_path):
+    """Random weights written in Mistral's native layout, converted to transformers the way its
+    conversion script does (key map + permute_for_rope on wq / wk): the logits agree. q/k are
+    large enough that attention is sharp, so a wrong row order cannot hide."""
+    import transformers
+
+    params = _native_params(n_layers=2, sliding_window=16, rope_theta=1e6)
+    d, h, kv, e, ffn = 64, 4, 2, 16, 128
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(*shape: int, std: float = 0.05) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    native = {
+        "tok_embeddings.weight": rand(211, d, std=1.0),
+        "norm.weight": 1.0 + rand(d, std=0.1),
+        "output.weight": rand(211, d),
+    }
+    for i in range(2):
+        p = f"layers.{i}."
+        native |= {
+            p + "attention.wq.weight": rand(h * e, d, std=0.4),
+            p + "attention.wk.weight": rand(kv * e, d, std=0.4),
+            p + "attention.wv.weight": rand(kv * e, d, std=0.1),
+            p + "attention.wo.weight": rand(d, h * e, std=0.1),
+            p + "feed_forward.w1.weight": rand(ffn, d, std=0.1),
+            p + "feed_forward.w2.weight": rand(d, ffn, std=0.1),
+            p + "feed_forward.w3.weight": rand(ffn, d, std=0.1),
+            p + "attention_norm.weight": 1.0 + rand(d, std=0.1),
+            p + "ffn_norm.weight": 1.0 + rand(d, std=0.1),
+        }
+    directory = tmp_path / "native"
+    directory.mkdir()
+    save_file({k: v.numpy() for k, v in native.items()}, directory / "consolidated.safetensors")
+    (directory / "params.json").write_text(json.dumps(params))
+
+    key_map = [  # the script's STATE_DICT_MAPPING
+        (r"^output.weight", r"lm_head.weight"),
+        (r"^norm.weight", r"model.norm.weight"),
+        (r"^tok_embeddings.weight", r"model.embed_tokens.weight"),
+        (r"^layers.(\d+).attention_norm.weight", r"model.layers.\1.input_layernorm.weight"),
+        (r"^layers.(\d+).ffn_norm.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+        (r"^layers.(\d+).attention.w(q|k|v|o).weight", r"model.layers.\1.self_attn.\2_proj.weight"),
+        (r"^layers.(\d+).feed_forward.w1.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+        (r"^layers.(\d+).feed_forward.w2.weight", r"model.layers.\1.mlp.down_proj.weight"),
+        (r"^layers.(\d+).feed_forward.w3.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    ]
+    converted = {}
+    for old, tensor in native.items():
+        new = next(re.sub(a, b, old) for a, b in key_map if re.match(a, old))
+        if "q_proj" in new:
+            tensor = _permute_for_rope(tensor, h, h * e, d)
+        elif "k_proj" in new:
+            tensor = _permute_for_rope(tensor, kv, kv * e, d)
+        converted[new] = tensor
+    config = transformers.MistralConfig(
+        hidden_size=d,
+        num_hidden_layers=2,
+        intermediate_size=ffn,
+        num_attention_heads=h,
+        num_key_value_heads=kv,
+        head_dim=e,
+        rms_norm_eps=1e-5,
+        vocab_size=211,
+        sliding_window=16,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+    )
+    hf = transformers.MistralForCausalLM(config).eval()
+    hf.load_state_dict(converted, strict=True)
+    tokens = _tokens(40)
+    with torch.no_grad():
+        ref = hf(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+    ours = mn.load_model(directory, progress=False)
+    assert ours.config.layer_windows == (16, 16)
+    assert np.abs(_logits(ours, tokens) - ref).max() < 1e-4
+    assert ref.std(axis=-1).min() > 0.1
 
 
 def test_native_per_layer_window_list(hf_checkpoints, tmp_path):
