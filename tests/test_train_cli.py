@@ -1,4 +1,4 @@
-"""`mistral-nnx finetune`: a full fine-tune end to end, and one-line errors for bad input."""
+"""`mistral-nnx finetune`: a LoRA run end to end, and one-line errors for bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from train_fixtures import CHATS, write_jsonl, write_model
 
 import mistral_nnx
@@ -21,23 +22,30 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "base"
 
 
-def test_full_finetune_writes_log_checkpoint_and_merged_model(
+def test_finetune_writes_log_checkpoint_adapters_and_merged_model(
     base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", CHATS)
     out = tmp_path / "run"
-    args = ["finetune", "--model", str(base), "--data", str(data), "--out", str(out), "--full"]
-    args += ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-3", "-q"]
+    args = ["finetune", "--model", str(base), "--data", str(data), "--out", str(out), "-q"]
+    # the settings of test_train_loop (one compiled step for both)
+    args += ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--lr", "1e-2"]
+    args += ["--steps", "6", "--warmup", "1", "--grad-accum", "2", "--batch-size", "2"]
+    args += ["--seq-len", "32", "--save-merged", "--plot"]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "trained 3 steps" in err
+    assert "trained 6 steps" in err and "loss.png" in err
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3]
-    assert (out / "checkpoints" / "step_00000003" / "meta.json").is_file()
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert (out / "checkpoints" / "step_00000006" / "meta.json").is_file()
     merged = mistral_nnx.load_model(out / "merged", progress=False)
+    adapted = mistral_nnx.load_model(base, adapters=out / "adapter", progress=False)
     before = mistral_nnx.load_model(base, progress=False)
     ids = jnp.asarray(np.arange(12).reshape(1, 12), jnp.int32)
-    assert float(jnp.abs(merged(ids) - before(ids)).max()) > 1e-3  # every weight trained
+    logits = nnx.jit(lambda m: m(ids))  # one compile for the three (same structure)
+    assert float(jnp.abs(logits(merged) - logits(before)).max()) > 1e-3  # it trained
+    np.testing.assert_allclose(logits(merged), logits(adapted), atol=1e-5)
     assert (out / "merged" / "tokenizer.json").is_file()
 
 

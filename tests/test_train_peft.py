@@ -10,11 +10,11 @@ from test_train_loss import make_batch
 from train_fixtures import write_model
 
 import mistral_nnx
-from mistral_nnx.train.export import set_peft_tensors
+from mistral_nnx.train.export import peft_tensors, set_peft_tensors
 from mistral_nnx.train.lora import LoraConfig, apply_lora
 from mistral_nnx.train.step import OptimConfig, Trainer
 
-STEPS, LR, WD, CLIP, RANK, ALPHA = 20, 3e-3, 0.01, 1.0, 4, 16.0
+STEPS, LR, WD, CLIP, RANK, ALPHA = 20, 3e-3, 0.1, 1.0, 4, 16.0
 
 
 def test_twenty_steps_match_peft(tmp_path: Path) -> None:
@@ -52,3 +52,10 @@ def test_twenty_steps_match_peft(tmp_path: Path) -> None:
         theirs.append(float(out.loss.detach()))
     assert theirs[-1] < theirs[0] - 0.05  # it learns: the comparison is not between two flat lines
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    # and the adapters end where PEFT's do (weight decay, clipping and AdamW's step included)
+    final = peft_tensors(trainer.model)
+    for name, value in pm.state_dict().items():
+        if "lora_" in name:
+            want = value.detach().numpy()
+            got = final[name.replace(".default", "")]
+            np.testing.assert_allclose(got, want, atol=1.5e-4, err_msg=name)

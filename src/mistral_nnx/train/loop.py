@@ -162,7 +162,9 @@ def finetune(
     t0 = time.perf_counter()
     try:
         while micro < total_micro:
-            metrics = trainer.step(next(stream))
+            batch = next(stream)
+            metrics = trainer.step(batch)
+            metrics["seen"] = float(batch["valid"].sum())  # input tokens, padding excluded
             micro += 1
             window.append(metrics)
             if micro % accum:
@@ -176,8 +178,8 @@ def finetune(
                 "loss": loss,
                 "lr": window[-1]["lr"],
                 "grad_norm": window[-1]["grad_norm"],
-                "tokens": int(tokens),
-                "tokens_per_s": tokens / max(elapsed, 1e-9),
+                "tokens": int(tokens),  # counted targets
+                "tokens_per_s": sum(m["seen"] for m in window) / max(elapsed, 1e-9),
             }
             window = []
             losses.append(loss)
