@@ -91,3 +91,31 @@ def test_bad_adapter_directory(trained: Any, tmp_path: Path) -> None:
     )
     with pytest.raises(mistral_nnx.MistralNNXError, match="adapter_model.safetensors"):
         mistral_nnx.load_model(root / "base", adapters=tmp_path, progress=False)
+
+
+def test_gguf_base_exports_to_transformers(tmp_path: Path) -> None:
+    """A GGUF base (llama.cpp's q/k row order, llama config) merged and written as HF."""
+    import transformers
+    from gguf import GGMLQuantizationType
+    from test_gguf import VOCAB, _hf_weights, _write_tiny
+
+    path = _write_tiny(
+        tmp_path / "tiny.gguf",
+        _hf_weights(np.random.default_rng(0)),
+        qtype=GGMLQuantizationType.F32,
+    )
+    lora = LoraConfig(rank=2, alpha=4)
+    model = apply_lora(mistral_nnx.load_model(path, progress=False), lora, seed=2)
+    for i, (p, var) in enumerate(nnx.iter_graph(model)):
+        if isinstance(var, nnx.LoRAParam) and str(p[-1]).endswith("_lora_b"):
+            var.set_value(0.05 * jax.random.normal(jax.random.key(i), var.get_value().shape))
+    out = save_merged_hf(model, tmp_path / "merged", lora=lora)
+    ids = np.random.default_rng(3).integers(0, VOCAB, (1, 9))
+    ours = np.asarray(logits(model, jnp.asarray(ids, jnp.int32)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.config.model_type == "llama"
+    import torch
+
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4 * np.abs(ours).max(), rtol=1e-4)
