@@ -143,7 +143,7 @@ def test_completions_with_token_ids(client, local):
     assert out.object == "text_completion" and out.usage.prompt_tokens == len(prompt)
 
 
-def test_concurrent_requests_equal_alone(client):
+def test_concurrent_requests_equal_alone(server, client):
     rng = np.random.RandomState(0)
     words = "apple river mountain quick silver ocean tiger violin garden planet".split()
     requests = []
@@ -165,6 +165,7 @@ def test_concurrent_requests_equal_alone(client):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(ask, requests, timeout=TIMEOUT * 4))
     assert together == alone
+    assert _metric(server, "mistral_nnx_compilations_after_warmup") == 0
 
 
 def _metric(server: str, name: str) -> float:

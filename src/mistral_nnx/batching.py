@@ -380,6 +380,8 @@ class Engine:
             sizes.append(size)
             size *= 2
         sizes.append(self.prefill_chunk)
+        if self.prefill_chunk + 1 < self.max_seq_len:
+            sizes.append(self.prefill_chunk + 1)  # a second chunk: the logits come committed
         for n in sizes:
             request = Request(prompt=[0] * min(n, self.max_seq_len - 1), max_tokens=1)
             self._admit(0, RequestHandle(request, on_delta=lambda d: None))

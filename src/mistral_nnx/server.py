@@ -176,6 +176,20 @@ class _Metrics:
             registry=r,
         )
         engine.on_first_token = self.ttft.observe
+        # Compilations once warm: the engine promises none (a new shape would be a bug).
+        late = Gauge(
+            "mistral_nnx_compilations_after_warmup",
+            "XLA compilations since the engine became ready",
+            registry=r,
+        )
+
+        def on_event(event: str, duration_secs: float, **kwargs: str | int) -> None:
+            if event == "/jax/core/compile/backend_compile_duration" and engine.ready.is_set():
+                late.inc()
+
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(on_event)
 
         def on_tokens(count: int, seconds: float | None) -> None:
             self.generated_tokens.inc(count)
