@@ -61,6 +61,15 @@ def test_peft_adapters_load_in_peft_and_in_load_model(trained: Any) -> None:
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     loaded = mistral_nnx.load_model(root / "base", adapters=out, progress=False)
     np.testing.assert_allclose(logits(loaded, jnp.asarray(IDS, jnp.int32)), ours, atol=1e-4)
+    # the engine runs a LoRA model as is (adapters applied, not ignored): same greedy tokens
+    prompts = [IDS[0, :6].tolist(), IDS[1, :4].tolist()]
+    with_adapters = mistral_nnx.generate(model, prompts, max_new_tokens=6)
+    merged = mistral_nnx.generate(loaded, prompts, max_new_tokens=6)
+    base_out = mistral_nnx.generate(
+        mistral_nnx.load_model(root / "base", progress=False), prompts, max_new_tokens=6
+    )
+    assert [c.tokens for c in with_adapters] == [c.tokens for c in merged]
+    assert [c.tokens for c in base_out] != [c.tokens for c in merged]
 
 
 def test_merged_checkpoint_loads_in_transformers_and_load_model(trained: Any) -> None:

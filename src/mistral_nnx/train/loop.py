@@ -17,7 +17,7 @@ from mistral_nnx.model import Mistral
 from mistral_nnx.tokenizer import Tokenizer
 from mistral_nnx.train.checkpoints import list_checkpoints, restore_checkpoint, save_checkpoint
 from mistral_nnx.train.data import Example, batches, load_examples
-from mistral_nnx.train.lora import LoraConfig, apply_lora, count_params
+from mistral_nnx.train.lora import LoraConfig, apply_lora, count_params, without_dropout
 from mistral_nnx.train.step import OptimConfig, Trainer
 
 
@@ -199,7 +199,7 @@ def finetune(
     finally:
         bar.close()
         log.close()
-    trained = trainer.model
+    trained = without_dropout(trainer.model)
     if micro == total_micro:
         if eval_examples:
             value = evaluate(trainer, eval_examples, cfg)

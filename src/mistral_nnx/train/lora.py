@@ -104,28 +104,64 @@ _CLASSES: dict[Any, type] = {}
 @functools.cache
 def _provider(config: LoraConfig) -> Any:
     import qwix
+    from qwix._src.providers import lora as qlora
     from qwix._src.providers import ptq
     from qwix._src.utils import flax_util
 
     patterns = [re.compile(p) for p in config.patterns]
 
     class TargetedLoraProvider(qwix.LoraProvider):  # type: ignore[misc]
-        """qwix's LoraProvider, restricted to weights whose path matches a target."""
+        """qwix's LoraProvider restricted to weights whose path matches a target. The adapter
+        term is computed here with qwix's own helpers (shapes, parameter creation, delta) rather
+        than by LoraProvider's methods, which set a module attribute on every call (refused
+        inside the inference engine's loops) and always apply dropout; here dropout applies only
+        while the model holds dropout random state (training), and the output is cast back to
+        the compute dtype (float32 adapters on a bfloat16 model)."""
 
-        def _targeted(self, rhs: Any) -> bool:
+        def _target(self, op: str, rhs: Any) -> tuple[Any, str] | None:
+            rule, _ = self._get_current_rule_and_op_id(op, repeated_call=True)
             name = flax_util.find_param(rhs, ptq.WithAux)
-            if name is None:
-                return False
+            if not isinstance(rule, qlora.LoraRule) or name is None:
+                return None
             path = "/".join(map(str, flax_util.get_current_module_path())) + "/" + name
-            return any(p.fullmatch(path) for p in patterns)
+            return (rule, name) if any(p.fullmatch(path) for p in patterns) else None
+
+        def _dropout(self, rule: Any, x: jax.Array) -> jax.Array:
+            module = flax_util.get_current_module()
+            if rule.dropout > 0 and isinstance(getattr(module, "qwix_rngs", None), nnx.Rngs):
+                rng = flax_util.make_rng("dropout")
+                return nnx.Dropout(rule.dropout, deterministic=False)(x, rngs=rng)
+            return x
 
         def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
-            if len(operands) != 2 or not self._targeted(operands[1]):
-                return ptq.PtqProvider.einsum(self, einsum_str, *operands, **kwargs)
-            out = super().einsum(einsum_str, *operands, **kwargs)
-            return out.astype(operands[0].dtype)  # float32 adapters, compute dtype out
+            out = ptq.PtqProvider.einsum(self, einsum_str, *operands, **kwargs)
+            found = self._target("einsum", operands[1]) if len(operands) == 2 else None
+            if found is None:
+                return out
+            (rule, name), (lhs, rhs) = found, operands
+            a_shape, b_shape, lora_str, a_t, b_t = qlora._parse_einsum_str_for_lora(
+                lhs.shape, rhs.shape, einsum_str, rule.rank
+            )
+            a, b = qlora._get_or_create_lora_params(
+                name=name,
+                rule=rule,
+                a_shape=a_shape,
+                b_shape=b_shape,
+                a_sharding_transpose=a_t,
+                b_sharding_transpose=b_t,
+            )
+            delta = jnp.einsum(lora_str, self._dropout(rule, lhs), a, b, **kwargs)
+            return (out + delta * (rule.alpha / rule.rank)).astype(lhs.dtype)
 
-        def dot_general(self, lhs: Any, rhs: Any, *args: Any, **kwargs: Any) -> jax.Array:
+        def dot_general(
+            self,
+            lhs: Any,
+            rhs: Any,
+            dimension_numbers: Any,
+            precision: Any = None,
+            preferred_element_type: Any = None,
+            out_sharding: Any = None,
+        ) -> jax.Array:
             # In our model every jnp.dot inside a LoRA'd module takes a weight; wo is reshaped
             # first, which qwix can only follow back to its parameter inside a jit trace.
             if not isinstance(rhs, jax.core.Tracer) and flax_util.find_param(rhs) is None:
@@ -133,9 +169,48 @@ def _provider(config: LoraConfig) -> Any:
                     "a LoRA model must be called under jax.jit / nnx.jit (qwix finds reshaped "
                     "weights only while tracing)"
                 )
-            if not self._targeted(rhs):
-                return ptq.PtqProvider.dot_general(self, lhs, rhs, *args, **kwargs)
-            return super().dot_general(lhs, rhs, *args, **kwargs).astype(lhs.dtype)
+            out = ptq.PtqProvider.dot_general(
+                self,
+                lhs,
+                rhs,
+                dimension_numbers,
+                precision,
+                preferred_element_type,
+                out_sharding=out_sharding,
+            )
+            found = self._target("dot_general", rhs)
+            if found is None:
+                return out
+            rule, name = found
+            (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
+            rhs_ra = tuple(i for i in range(rhs.ndim) if i not in rhs_ca and i not in rhs_ba)
+            contract = tuple(rhs.shape[i] for i in rhs_ca)
+            batch = tuple(rhs.shape[i] for i in rhs_ba)
+            remain = tuple(rhs.shape[i] for i in rhs_ra)
+            a_shape, a_t, b_shape, b_t = qlora._create_lora_layer_shapes(
+                rhs_ca, rhs_ba, rhs_ra, contract, batch, remain, rule.rank
+            )
+            a, b = qlora._get_or_create_lora_params(
+                name=name,
+                rule=rule,
+                a_shape=a_shape,
+                b_shape=b_shape,
+                a_sharding_transpose=a_t,
+                b_sharding_transpose=b_t,
+            )
+            delta = qlora._compute_lora_delta(
+                self._dropout(rule, lhs),
+                a,
+                b,
+                lhs_ca,
+                lhs_ba,
+                contract,
+                batch,
+                remain,
+                rule.rank,
+                precision=precision,
+            )
+            return (out + delta * (rule.alpha / rule.rank)).astype(lhs.dtype)
 
     return TargetedLoraProvider(
         module_path=r"layers/\d+/(attn|mlp)",
@@ -163,8 +238,9 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
     shapes_only = isinstance(current[("embed",)].get_value(), jax.ShapeDtypeStruct)
 
     def build(m: Mistral) -> Mistral:
+        # `forward`, which __call__ and the inference engine both go through
         return qwix.apply_lora_to_model(
-            m, provider, tokens, rngs=nnx.Rngs(params=seed, dropout=seed)
+            m, provider, tokens, methods=("forward",), rngs=nnx.Rngs(params=seed, dropout=seed)
         )
 
     # A concrete model is closed over rather than passed: its weights stay concrete arrays while
@@ -197,6 +273,13 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
     if config.dropout > 0:
         lora_model.set_attributes(qwix_rngs=nnx.Rngs(dropout=seed + 1), raise_if_not_found=False)
     return lora_model
+
+
+def without_dropout(model: Mistral) -> Mistral:
+    """Turn LoRA dropout off (in place; evaluation, inference): the adapters apply dropout only
+    while the model holds dropout random state."""
+    model.set_attributes(qwix_rngs=None, raise_if_not_found=False)
+    return model
 
 
 def count_params(model: nnx.Module, kind: type = nnx.Param) -> int:

@@ -23,6 +23,7 @@ from flax import nnx
 from mistral_nnx.errors import MistralNNXError
 from mistral_nnx.model import Mistral
 from mistral_nnx.sharding import Sharder, activation_sharding
+from mistral_nnx.train.lora import without_dropout
 from mistral_nnx.train.loss import loss
 
 
@@ -114,7 +115,7 @@ def eval_step(
 ) -> tuple[jax.Array, jax.Array]:
     with activation_sharding(sharder):
         model, _ = nnx.merge(graphdef, state)
-        return loss(model, batch)
+        return loss(without_dropout(model), batch)
 
 
 class Trainer:
