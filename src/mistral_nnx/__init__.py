@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mistral_nnx.errors import MistralNNXError
 
 if TYPE_CHECKING:
+    from mistral_nnx.batching import Engine, Request
     from mistral_nnx.checkpoint.loader import load_model
     from mistral_nnx.checkpoint.orbax_io import save_model
     from mistral_nnx.config import MistralConfig, load_config
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from mistral_nnx.train.loss import loss
 
 _WHERE = {
+    "Engine": "mistral_nnx.batching",
+    "Request": "mistral_nnx.batching",
     "load_model": "mistral_nnx.checkpoint.loader",
     "save_model": "mistral_nnx.checkpoint.orbax_io",
     "MistralConfig": "mistral_nnx.config",
@@ -44,10 +47,12 @@ _WHERE = {
 __all__ = [
     "Completion",
     "Delta",
+    "Engine",
     "EngineOptions",
     "Mistral",
     "MistralConfig",
     "MistralNNXError",
+    "Request",
     "SamplingParams",
     "Tokenizer",
     "generate",

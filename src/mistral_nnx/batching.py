@@ -167,6 +167,7 @@ class Engine:
         self._sharder = model.sharder
         self._waiting: deque[RequestHandle] = deque()
         self._slots: list[_Slot | None] = [None] * max_slots
+        self._admitting = 0  # taken off the queue, slot not yet filled
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -232,7 +233,7 @@ class Engine:
         handle = RequestHandle(request, on_delta)
         with self._lock:
             # Requests bound for a free slot do not count against the queue.
-            free = sum(slot is None for slot in self._slots)
+            free = sum(slot is None for slot in self._slots) - self._admitting
             if len(self._waiting) >= self.max_queue + free:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self._waiting.append(handle)
@@ -466,7 +467,12 @@ class Engine:
                 if not self._waiting:
                     break
                 handle = self._waiting.popleft()
-            self._admit(slot, handle)
+                self._admitting += 1
+            try:
+                self._admit(slot, handle)
+            finally:
+                with self._lock:
+                    self._admitting -= 1
         self._update_counts()
 
     def _update_counts(self) -> None:

@@ -1,0 +1,124 @@
+"""The continuous-batching engine in process, on tiny random models: a request's tokens and
+logprobs are bit-identical alone and among others (mixed lengths that move the decode's
+attention prefix, greedy and seeded), equal to generate(), and cancelling frees the slot."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import mistral_nnx as mn
+from mistral_nnx.batching import Engine, QueueFull, Request
+from mistral_nnx.errors import MistralNNXError
+from mistral_nnx.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module", params=["gqa_window16", "llama"])
+def engine(request, hf_checkpoints) -> Any:
+    directory, _ = hf_checkpoints[request.param]
+    model = mn.load_model(directory, progress=False)
+    eng = Engine(model, None, max_slots=3, max_seq_len=512, prefill_chunk=128, max_queue=2)
+    eng.start()
+    assert eng.ready.wait(timeout=600)
+    yield eng
+    eng.stop()
+
+
+def _requests() -> list[Request]:
+    rng = np.random.RandomState(0)
+    lengths = [5, 300, 12, 280, 40, 6]  # past and under the 256-slot attention prefix
+    return [
+        Request(
+            prompt=rng.randint(3, 200, n).tolist(),
+            max_tokens=int(rng.randint(4, 16)),
+            sampling=SamplingParams(temperature=float(i % 2), top_k=20 if i % 4 == 1 else None),
+            seed=i,
+            stop_token_ids=[7] if i == 2 else [],
+            logprobs=True,
+        )
+        for i, n in enumerate(lengths)
+    ]
+
+
+def _run(engine: Engine, request: Request) -> tuple[list[int], list[float], str | None]:
+    tokens: list[int] = []
+    lps: list[float] = []
+    reason = None
+    for delta in engine.submit(request):
+        tokens += delta.tokens
+        lps += delta.logprobs or []
+        reason = delta.finish_reason
+    return tokens, lps, reason
+
+
+def test_alone_equals_batched_equals_generate(engine):
+    requests = _requests()
+    alone = [_run(engine, r) for r in requests]
+    for _ in range(100):  # the queue holds 2 beyond the free slots: wait for them to drain
+        if engine.stats.running == 0:
+            break
+        time.sleep(0.05)
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        futures = []
+        for r in requests:
+            futures.append(pool.submit(_run, engine, r))
+            time.sleep(0.3)  # arrive while others decode
+        together = [f.result(timeout=600) for f in futures]
+    assert together == alone
+    for r, (tokens, lps, _) in zip(requests, alone, strict=True):
+        stop = [[t] for t in r.stop_token_ids] or None
+        ref = mn.generate(
+            engine.model,
+            [r.prompt],
+            max_new_tokens=r.max_tokens,
+            temperature=r.sampling.temperature,
+            top_k=r.sampling.top_k,
+            seed=r.seed,
+            stop=stop,
+            logprobs=True,
+        )[0]
+        assert tokens == ref.tokens
+        np.testing.assert_allclose(lps, ref.logprobs, atol=1e-5)
+
+
+def test_cancel_frees_the_slot(engine):
+    handle = engine.submit(Request(prompt=[5, 6, 7], max_tokens=400, ignore_eos=True))
+    next(iter(handle))
+    handle.cancel()
+    deadline = time.time() + 30
+    while engine.stats.running:
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+def test_bad_requests(engine):
+    with pytest.raises(MistralNNXError, match="exceeds the context length 512"):
+        engine.submit(Request(prompt=[5] * 500, max_tokens=20))
+    with pytest.raises(MistralNNXError, match="empty"):
+        engine.submit(Request(prompt=[], max_tokens=2))
+    with pytest.raises(MistralNNXError, match="outside the vocabulary"):
+        engine.submit(Request(prompt=[10**6], max_tokens=2))
+
+
+def test_queue_is_bounded(engine):
+    def long() -> Request:
+        return Request(prompt=[5, 6], max_tokens=400, ignore_eos=True)
+
+    handles = []
+    try:
+        for i in range(3):  # fill the slots, one admission at a time
+            handles.append(engine.submit(long()))
+            deadline = time.time() + 60
+            while engine.stats.running < i + 1:
+                assert time.time() < deadline
+                time.sleep(0.02)
+        handles += [engine.submit(long()), engine.submit(long())]  # the queue holds 2
+        with pytest.raises(QueueFull, match="2 requests waiting"):
+            engine.submit(long())
+    finally:
+        for h in handles:
+            h.cancel()
