@@ -36,7 +36,11 @@ def main() -> None:
         optim = OptimConfig(steps=5, lr=1e-2, schedule="constant")
         trainer = Trainer(model, optim, wrt=nnx.LoRAParam if lora else nnx.Param)
         losses = [trainer.step(batch(0))["loss"] for _ in range(3)]
-        flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(trainer.state)}
+        flat = {
+            ".".join(map(str, (0, *p))): v.get_value()
+            for p, v in nnx.to_flat_state(nnx.state(trainer.model))
+        }
+        flat |= {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(trainer.state)}
         up = "0.layers.0.mlp.up"
         moment = next(
             k for k in flat if k.endswith(".mu.layers.0.mlp." + ("up_lora_b" if lora else "up"))

@@ -1,14 +1,16 @@
-"""LoRA through google's qwix: `qwix.LoraProvider` + `qwix.apply_lora_to_model`.
+"""LoRA through google's qwix: a `qwix.LoraProvider` applied with `qwix.apply_lora_to_model`.
 
 qwix intercepts the model's `jnp.einsum` / `jnp.dot` calls and adds `x @ A @ B * alpha / rank`
-to the projections whose module path matches a rule; A and B are `nnx.LoRAParam`s created on
-the model. Two small additions on top of qwix:
-- targets by weight name: qwix rules select modules, and our Attention / MLP modules each hold
-  several projections (wq, wk, wv, wo / gate, up, down), so the provider below also checks the
-  weight's full path ("layers/3/attn/wq") against the target regexes;
-- float32 adapters on any base dtype (qwix gives the adapters the base weight's dtype), with the
-  projection's output cast back to the compute dtype.
-The adapter shapes follow the weights' einsum layouts: A [in..., r], B [r, out...].
+to the projections whose module path matches a rule; A and B are `nnx.LoRAParam`s that qwix
+creates on the model (shapes follow the weights' layouts: A [in..., r], B [r, out...]).
+On top of qwix, the provider below:
+- targets weights by name: qwix rules select modules, and our Attention / MLP modules each hold
+  several projections (wq, wk, wv, wo / gate, up, down), so the weight's full path
+  ("layers/3/attn/wq") is also matched against the target regexes;
+- keeps adapters float32 on any base dtype (qwix would give them the base weight's dtype) and
+  casts the projection's output back to the compute dtype;
+- intercepts `forward` (what `__call__` and the inference engine both call) and applies dropout
+  only while the model holds dropout random state (training).
 """
 
 from __future__ import annotations
@@ -232,6 +234,8 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
     """
     import qwix
 
+    if model.config.is_moe:
+        raise MistralNNXError("LoRA on mixture-of-experts models is not supported yet")
     provider = _provider(config)
     tokens = jnp.zeros((1, 2), jnp.int32)
     current = dict(nnx.to_flat_state(nnx.state(model)))

@@ -88,38 +88,48 @@ def _transformation(optim: OptimConfig) -> optax.GradientTransformation:
     return optim.transformation()
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _frozen(wrt: Any) -> Any:
+    """The weights a step reads but does not train (the base model under LoRA)."""
+    return nnx.All(nnx.Param, nnx.Not(wrt))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 def train_step(
     graphdef: Any,
     wrt: Any,
     sharder: Sharder | None,
     optim: OptimConfig,
+    frozen: Any,
     state: Any,
     batch: Mapping[str, jax.Array],
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """One micro-batch: loss, gradients of the `wrt` variables, optimizer update (in place:
-    `state` is donated). Module-level, so identical models share one compiled program."""
+    """One micro-batch: loss, gradients of the `wrt` variables, optimizer update. `state` (the
+    trained variables, optimizer and random state) is donated: updated in place; `frozen` (the
+    rest) is only read, so the model it came from stays usable. Module-level, so identical
+    models share one compiled program."""
     with activation_sharding(sharder):
-        model, optimizer = nnx.merge(graphdef, state)
+        model, optimizer = nnx.merge(graphdef, frozen, state)
         grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (value, count), grads = grad_fn(model, batch)
         lr = optim.schedule_fn()(optimizer.step[...] // optim.grad_accum)
         optimizer.update(model, grads)
         metrics = {"loss": value, "tokens": count, "grad_norm": optax.global_norm(grads), "lr": lr}
-        return nnx.state((model, optimizer)), metrics
+        parts: Any = nnx.split((model, optimizer), _frozen(wrt), ...)
+        return parts[2], metrics
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def eval_step(
-    graphdef: Any, sharder: Sharder | None, state: Any, batch: Mapping[str, jax.Array]
+    graphdef: Any, sharder: Sharder | None, frozen: Any, state: Any, batch: Mapping[str, jax.Array]
 ) -> tuple[jax.Array, jax.Array]:
     with activation_sharding(sharder):
-        model, _ = nnx.merge(graphdef, state)
+        model, _ = nnx.merge(graphdef, frozen, state)
         return loss(without_dropout(model), batch)
 
 
 class Trainer:
-    """Holds the (model, optimizer) state split apart and steps it with `train_step`.
+    """Holds the (model, optimizer) state split apart (frozen weights / the rest) and steps it
+    with `train_step`.
 
     `trainer.step(batch)` runs one micro-batch (an optimizer update every `grad_accum` of them)
     and returns {"loss", "tokens", "grad_norm", "lr"} as host floats; `trainer.model` is the current
@@ -135,7 +145,10 @@ class Trainer:
         optimizer = nnx.Optimizer(model, _transformation(optim), wrt=wrt)
         if self.sharder is not None:
             _replicate_unplaced(optimizer, self.sharder)
-        self.graphdef, self.state = nnx.split((model, optimizer))
+        parts: Any = nnx.split((model, optimizer), _frozen(wrt), ...)
+        self.graphdef: Any = parts[0]
+        self.frozen: Any = parts[1]
+        self.state: Any = parts[2]
         # Every array committed to its device(s), as the step's outputs are: the second step
         # then reuses the first one's program.
         for _, var in nnx.to_flat_state(self.state):
@@ -152,17 +165,24 @@ class Trainer:
 
     def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         self.state, metrics = train_step(
-            self.graphdef, self.wrt, self.sharder, self.optim, self.state, self.put(batch)
+            self.graphdef,
+            self.wrt,
+            self.sharder,
+            self.optim,
+            self.frozen,
+            self.state,
+            self.put(batch),
         )
         return {k: float(v) for k, v in metrics.items()}
 
     def eval_loss(self, batch: Mapping[str, np.ndarray]) -> tuple[float, float]:
-        value, count = eval_step(self.graphdef, self.sharder, self.state, self.put(batch))
+        batch_ = self.put(batch)
+        value, count = eval_step(self.graphdef, self.sharder, self.frozen, self.state, batch_)
         return float(value), float(count)
 
     @property
     def model(self) -> Mistral:
-        model, _ = nnx.merge(self.graphdef, self.state)
+        model, _ = nnx.merge(self.graphdef, self.frozen, self.state)
         return model  # type: ignore[no-any-return]
 
 
