@@ -122,3 +122,46 @@ def test_queue_is_bounded(engine):
     finally:
         for h in handles:
             h.cancel()
+
+
+_MESH_CHECK = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import mistral_nnx as mn
+from mistral_nnx.batching import Engine, Request
+from conftest import build_hf
+build_hf("mistral", Path({path!r}), seed=0, vocab_size=256)
+single = mn.load_model({path!r}, progress=False)
+sharded = mn.load_model({path!r}, progress=False, mesh=mn.make_mesh("data=2,model=2"))
+engine = Engine(sharded, None, max_slots=4, max_seq_len=128, prefill_chunk=32)
+engine.start()
+assert engine.ready.wait(timeout=600), engine.error
+for n in (4, 20, 40):
+    prompt = list(range(3, 3 + n))
+    got = [t for d in engine.submit(Request(prompt=prompt, max_tokens=8)) for t in d.tokens]
+    want = mn.generate(single, [prompt], max_new_tokens=8)[0].tokens
+    assert got == want, (got, want)
+engine.stop()
+print("OK")
+"""
+
+
+def test_engine_on_a_mesh(tmp_path):
+    """Slots over data=2, weights split over model=2 (4 fake CPU devices): the same greedy
+    tokens as one device."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _MESH_CHECK.format(tests=str(Path(__file__).parent), path=str(tmp_path / "m"))
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
