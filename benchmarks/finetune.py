@@ -99,27 +99,34 @@ def cpu(args: argparse.Namespace) -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             source.parent, gguf_file=source.name, dtype=torch.float32
         )
-        base = mistral_nnx.load_model(source, progress=False)
+        base = mistral_nnx.load_model(source, progress=False) if mode == "lora" else None
         if mode == "lora":
             pm = peft.get_peft_model(
                 hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
             )
-            model = apply_lora(base, LoraConfig(16, 32.0))
             init = {
                 k.replace(".default", ""): v.detach().numpy()
                 for k, v in pm.state_dict().items()
                 if "lora_" in k
             }
-            set_peft_tensors(model, init, "peft")
             wrt: Any = nnx.LoRAParam
         else:
-            pm, model, wrt = hf, base, nnx.Param
+            pm, wrt = hf, nnx.Param
+
+        def fresh() -> Any:  # a trainer's step consumes (donates) the variables it trains
+            if mode != "lora":
+                return mistral_nnx.load_model(source, progress=False)
+            lora_model = apply_lora(base, LoraConfig(16, 32.0))
+            set_peft_tensors(lora_model, init, "peft")
+            return lora_model
+
         pm.train()
         params = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
         variants = [("none", None)] + ([("layer", "layer")] if mode == "lora" else [])
         for remat_name, remat in variants:
+            model = fresh()
             model.remat = remat
             trainer = Trainer(model, optim, wrt=wrt)
             memory = step_memory(trainer, data[0])
