@@ -111,9 +111,10 @@ def cpu(args: argparse.Namespace) -> None:
             }
             wrt: Any = nnx.LoRAParam
         else:
-            pm, wrt = hf, nnx.Param
+            pm, wrt, init = hf, nnx.Param, {}
 
-        def fresh() -> Any:  # a trainer's step consumes (donates) the variables it trains
+        def fresh(mode: str = mode, base: Any = base, init: Any = init) -> Any:
+            """A trainer's step consumes (donates) the variables it trains: one model each."""
             if mode != "lora":
                 return mistral_nnx.load_model(source, progress=False)
             lora_model = apply_lora(base, LoraConfig(16, 32.0))
