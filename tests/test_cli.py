@@ -36,7 +36,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 # Python sees for a package that is not installed): no runtime path may need them.
 _NO_TORCH = (
     "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-    "from mistral_nnx.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from mistral_nnx.cli import run; run()"
 )
 
 

@@ -287,19 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- interrupts and output ----------------------------------------------------------------------
 
 
-def _hard_exit(code: int) -> NoReturn:
+def _hard_exit(code: int, newline: bool = True) -> NoReturn:
     """End the process now: remove half-written files, flush what was printed, skip the
-    interpreter's teardown (it can block on, or crash in, XLA threads still running)."""
+    interpreter's teardown (it can block on, or crash in, XLA threads still running, and
+    orbax's background event loop prints tracebacks there)."""
     cleanup.remove_tracked()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
-    try:
-        os.write(2, b"\n")
-    except OSError:
-        pass
+    if newline:
+        try:
+            os.write(2, b"\n")
+        except OSError:
+            pass
     os._exit(code)
 
 
@@ -719,5 +721,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
 
 
+def run() -> NoReturn:
+    """The console command: `main()`, then exit; after a failure without the interpreter's
+    teardown, so that the one error line stays the only output."""
+    code = main()
+    if code != 0:
+        _hard_exit(code, newline=False)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -10,11 +10,15 @@ Ctrl-C mid-write leaves nothing a later load could mistake for a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
+import tempfile
+import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +200,7 @@ def load_orbax(path: Path, *, dtype: Any, param_dtype: Any, sharder: Sharder | N
             sds.shape, np.dtype(param_dtype), sharding=sharding
         )
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _stderr_kept_on_success(), ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / "state", target)
     except Exception as e:  # orbax raises many types for missing / damaged files
         raise MistralNNXError(
@@ -209,6 +213,32 @@ def load_orbax(path: Path, *, dtype: Any, param_dtype: Any, sharder: Sharder | N
             node = node[str(part)]
         var.set_value(node)
     return nnx.merge(graphdef, state)
+
+
+@contextlib.contextmanager
+def _stderr_kept_on_success() -> Iterator[None]:
+    """Hold what is written to file descriptor 2 meanwhile; pass it on unless an exception ends
+    the block. On a damaged checkpoint, orbax's reader threads post to an event loop that is
+    already closed, and each prints a traceback from native code (no Python hook sees it):
+    the one-line error raised instead says what happened."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            time.sleep(0.2)  # let the threads that race to print do it into `held`
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
 
 
 def _short(text: str, limit: int = 160) -> str:
