@@ -105,7 +105,7 @@ def cpu(args: argparse.Namespace) -> None:
                 hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
             )
             init = {
-                k.replace(".default", ""): v.detach().numpy()
+                k.replace(".default", ""): v.detach().numpy().copy()
                 for k, v in pm.state_dict().items()
                 if "lora_" in k
             }
