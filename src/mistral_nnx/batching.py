@@ -268,8 +268,11 @@ class Engine:
             max_new=jnp.ones((b,), jnp.int32),
         )
 
+    def _eos(self, request: Request) -> list[int]:
+        return [] if request.ignore_eos else self.eos_ids[:MAX_EOS]
+
     def _row_tables(self, request: Request) -> tuple[BatchSampling, StopRules, jax.Array]:
-        eos = [] if request.ignore_eos else self.eos_ids[:MAX_EOS]
+        eos = self._eos(request)
         eos_row = np.full((1, MAX_EOS), -3, np.int32)
         eos_row[0, : len(eos)] = eos
         seq_row = np.full((1, MAX_STOP_TOKENS, 1), -3, np.int32)
@@ -331,7 +334,7 @@ class Engine:
             (row_cache, row_state, sampling, rules),
             jnp.int32(slot),
         )
-        stops = [[t] for t in request.stop_token_ids] + [[e] for e in rules_eos(rules)]
+        stops = [[t] for t in request.stop_token_ids] + [[e] for e in self._eos(request)]
         output = _RowOutput(self.tokenizer, list(request.stop), stops)
         self._slots[slot] = _Slot(handle, output)
         self.stats.prompt_tokens += len(request.prompt)
@@ -478,10 +481,6 @@ class Engine:
     def _update_counts(self) -> None:
         self.stats.running = sum(entry is not None for entry in self._slots)
         self.stats.waiting = len(self._waiting)
-
-
-def rules_eos(rules: StopRules) -> list[int]:
-    return [int(e) for e in np.asarray(rules.eos_ids)[0] if e >= 0]
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "state", "sampling", "rules"))

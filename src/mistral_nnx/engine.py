@@ -279,13 +279,6 @@ def _prepare_prompts(
         if isinstance(p, str):
             if tokenizer is None:
                 raise MistralNNXError(f"prompts[{i}] is a string but no tokenizer was given")
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError:
-                raise MistralNNXError(
-                    f"prompts[{i}] is not valid text (it holds lone surrogates, e.g. from "
-                    "undecodable bytes)"
-                ) from None
             ids = tokenizer.encode(p)
         elif isinstance(p, Sequence) or isinstance(p, np.ndarray):
             if not all(_is_int(t) for t in p):

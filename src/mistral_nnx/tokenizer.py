@@ -88,7 +88,7 @@ class MistralCommonTokenizer:
         self.eos_ids: tuple[int, ...] = (inner.eos_id,)
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return list(self._inner.encode(text, bos=add_bos, eos=False))
+        return list(self._inner.encode(_valid_text(text), bos=add_bos, eos=False))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._mistral.decode([int(i) for i in ids])
