@@ -366,10 +366,10 @@ class Engine:
         self.stats.generated_tokens += len(delta.tokens)
         if self.on_tokens is not None and delta.tokens:
             self.on_tokens(len(delta.tokens), step_seconds)
+        if delta.finish_reason is not None:  # freed before the caller hears it is done
+            self._free(slot)
         if delta.tokens or delta.text or delta.finish_reason:
             entry.handle._emit(delta)
-        if delta.finish_reason is not None:
-            self._free(slot)
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
