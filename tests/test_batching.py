@@ -5,6 +5,7 @@ attention prefix, greedy and seeded), equal to generate(), and cancelling frees 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from typing import Any
 
@@ -104,6 +105,13 @@ def test_bad_requests(engine):
         engine.submit(Request(prompt=[10**6], max_tokens=2))
 
 
+def _wait_idle(engine: Engine) -> None:
+    deadline = time.time() + 60
+    while engine.stats.running or engine.stats.waiting:
+        assert time.time() < deadline, "the engine never went idle"
+        time.sleep(0.02)
+
+
 def test_queue_is_bounded(engine):
     def long() -> Request:
         return Request(prompt=[5, 6], max_tokens=400, ignore_eos=True)
@@ -122,6 +130,37 @@ def test_queue_is_bounded(engine):
     finally:
         for h in handles:
             h.cancel()
+
+
+
+def test_a_request_mid_admission_holds_one_slot_not_two(engine):
+    """While the engine thread is inside an admission (held in on_first_token, after the slot
+    is filled), the other slots and the whole queue still take requests."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(_: float) -> None:
+        inside.set()
+        release.wait(timeout=60)
+
+    def long() -> Request:
+        return Request(prompt=[5, 6], max_tokens=400, ignore_eos=True)
+
+    _wait_idle(engine)  # the cancelled requests of earlier tests are gone
+    engine.on_first_token = hold
+    handles = []
+    try:
+        handles.append(engine.submit(long()))
+        assert inside.wait(timeout=60)
+        for _ in range(engine.max_slots - 1 + engine.max_queue):
+            handles.append(engine.submit(long()))
+        with pytest.raises(QueueFull):
+            engine.submit(long())
+    finally:
+        engine.on_first_token = None
+        release.set()
+        for h in handles:
+            h.cancel()
+    _wait_idle(engine)
 
 
 _MESH_CHECK = """

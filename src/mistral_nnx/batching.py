@@ -167,7 +167,7 @@ class Engine:
         self._sharder = model.sharder
         self._waiting: deque[RequestHandle] = deque()
         self._slots: list[_Slot | None] = [None] * max_slots
-        self._admitting = 0  # taken off the queue, slot not yet filled
+        self._reserved: set[int] = set()  # slots whose request is off the queue, mid-admission
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -233,7 +233,10 @@ class Engine:
         handle = RequestHandle(request, on_delta)
         with self._lock:
             # Requests bound for a free slot do not count against the queue.
-            free = sum(slot is None for slot in self._slots) - self._admitting
+            free = sum(
+                entry is None and slot not in self._reserved
+                for slot, entry in enumerate(self._slots)
+            )
             if len(self._waiting) >= self.max_queue + free:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self._waiting.append(handle)
@@ -373,6 +376,7 @@ class Engine:
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
+        self._reserved.discard(slot)  # a request can finish on its first token
         self.state = _mark_done(self.state, jnp.int32(slot))
 
     # ---- the engine thread --------------------------------------------------------------------
@@ -470,12 +474,12 @@ class Engine:
                 if not self._waiting:
                     break
                 handle = self._waiting.popleft()
-                self._admitting += 1
+                self._reserved.add(slot)
             try:
                 self._admit(slot, handle)
             finally:
                 with self._lock:
-                    self._admitting -= 1
+                    self._reserved.discard(slot)
         self._update_counts()
 
     def _update_counts(self) -> None:
