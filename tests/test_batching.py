@@ -132,7 +132,6 @@ def test_queue_is_bounded(engine):
             h.cancel()
 
 
-
 def test_a_request_mid_admission_holds_one_slot_not_two(engine):
     """While the engine thread is inside an admission (held in on_first_token, after the slot
     is filled), the other slots and the whole queue still take requests."""
