@@ -8,23 +8,30 @@ the weights one at a time, dequantised to float32 and renamed / laid out exactly
 Two details of the llama.cpp format matter here:
 
 * GGUF lists a tensor's dimensions fastest-varying first (``[in, out]`` for a linear weight); the
-  ``gguf`` reader exposes the data as a row-major array, which is already HF's ``[out, in]``.
+  data is row-major, which is HF's ``[out, in]``.
 * llama.cpp's converter reorders the rows of ``attn_q`` and ``attn_k`` within every head, from
   HF's "rotate half" RoPE layout (pairs ``(j, j + head_dim / 2)``) to the interleaved layout that
   ggml's RoPE uses (pairs ``(2j, 2j + 1)``). We undo that reordering.
+
+The header is parsed by ``gguf_metadata`` (shared with the tokenizer, parsed once per file).
+Tensor bytes are memory-mapped one tensor at a time and dequantised here with numpy, a block of
+rows at a time: matrices are written straight into this model's ``[in, out]`` layout (the q/k
+reordering applied to the quantised rows first), and handed over as the ``[out, in]`` view of
+that buffer, which the loader's transpose recognises and keeps. One pass over the output, no
+float32 intermediate of the whole tensor. K-quants are decoded with gguf-py's ``gguf.quants``,
+imported only when a file has them (importing ``gguf`` costs ~0.4 s of a cold start).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
-from gguf.quants import dequantize
 
+from mistral_nnx.checkpoint.gguf_metadata import GGUFHeader, GGUFTensorInfo, read_gguf_header
+from mistral_nnx.checkpoint.safetensors_io import aligned_empty, map_bytes
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.errors import MistralNNXError
 
@@ -36,19 +43,22 @@ REFUSED_ARCHITECTURES = {
     "native checkpoint of this model instead",
 }
 
-SUPPORTED_TYPES = (
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q5_0,
-    GGMLQuantizationType.Q5_1,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_K,
-    GGMLQuantizationType.Q5_K,
-    GGMLQuantizationType.Q6_K,
-)
+# ggml type number -> (name, values per block, bytes per block), as in ggml.h / gguf-py.
+_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    30: ("BF16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+}
+SUPPORTED_TYPES = tuple(name for name, _, _ in _TYPES.values())
+_ROWS_PER_BLOCK = 128  # rows dequantised at a time: a few hundred KB of scratch, cache-resident
 
 # Per-layer tensors: GGUF name suffix -> Hugging Face name suffix.
 _LAYER_NAMES = {
@@ -76,9 +86,9 @@ _MOE_NAMES = {
 def read_gguf_config(path: Path) -> MistralConfig:
     """Build the model config from a GGUF file's metadata (no tensor data is read)."""
     path = Path(path)
-    reader = _open(path)
-    arch = _architecture(reader, path)
-    meta = _Metadata(reader, path, arch)
+    header = _open(path)
+    arch = _architecture(header, path)
+    meta = _Metadata(header, path, arch)
 
     hidden = meta.integer("embedding_length")
     heads = meta.integer("attention.head_count")
@@ -98,21 +108,22 @@ def read_gguf_config(path: Path) -> MistralConfig:
                 f"{path}: {arch}.{key} = {value} differs from the head dimension {head_dim} "
                 "(not supported)"
             )
-    _check_no_rope_scaling(reader, meta, path)
+    _check_no_rope_scaling(header, meta, path)
 
     num_layers = meta.integer("block_count")
     window = meta.integer("attention.sliding_window", default=0) if arch == "mistral" else 0
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = header.tensors
     embed = tensors.get("token_embd.weight")
-    if embed is not None and len(embed.shape) == 2:
-        vocab_size = int(embed.shape[1])  # GGUF dims are [hidden, vocab]
-    elif "tokenizer.ggml.tokens" in reader.fields:
-        vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    if embed is not None and len(embed.dims) == 2:
+        vocab_size = int(embed.dims[1])  # GGUF dims are [hidden, vocab]
+    elif isinstance(tokens, list):
+        vocab_size = len(tokens)
     else:
         raise MistralNNXError(f"{path}: tensor 'token_embd.weight' is missing")
 
-    eos = _optional_int(reader, "tokenizer.ggml.eos_token_id", path)
+    eos = _optional_int(header, "tokenizer.ggml.eos_token_id", path)
     experts = meta.integer("expert_count", default=0)
     per_token = meta.integer("expert_used_count", default=0) if experts else 0
     try:
@@ -129,9 +140,9 @@ def read_gguf_config(path: Path) -> MistralConfig:
             rope_theta=meta.number("rope.freq_base", default=10000.0),
             max_position_embeddings=meta.integer("context_length", default=32768),
             tie_word_embeddings="output.weight" not in tensors,
-            bos_token_id=_optional_int(reader, "tokenizer.ggml.bos_token_id", path),
+            bos_token_id=_optional_int(header, "tokenizer.ggml.bos_token_id", path),
             eos_token_ids=() if eos is None else (eos,),
-            pad_token_id=_optional_int(reader, "tokenizer.ggml.padding_token_id", path),
+            pad_token_id=_optional_int(header, "tokenizer.ggml.padding_token_id", path),
             model_type=arch,
             num_experts=experts,
             num_experts_per_tok=per_token,
@@ -144,13 +155,14 @@ def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, 
     """Yield ``(hf_name, float32 array)`` for every weight, dequantising one tensor at a time.
 
     All tensors are checked (present, expected shape, supported type, no extras) before the
-    first is yielded.
+    first is yielded. Every array is writable and owned; matrices (all but the embedding) come
+    as the ``[out, in]`` transposed view of a contiguous ``[in, out]`` buffer.
     ``lm_head.weight`` is yielded only when ``config.tie_word_embeddings`` is false.
     """
     path = Path(path)
-    reader = _open(path)
-    _architecture(reader, path)
-    by_name = {t.name: t for t in reader.tensors}
+    header = _open(path)
+    _architecture(header, path)
+    by_name = header.tensors
 
     plan = _tensor_plan(config)
     missing = [gguf_name for gguf_name, _, _ in plan if gguf_name not in by_name]
@@ -164,54 +176,46 @@ def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, 
         )
     for gguf_name, hf_name, shape in plan:
         tensor = by_name[gguf_name]
-        file_shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
+        file_shape = tuple(int(n) for n in reversed(tensor.dims))  # GGUF lists dims fastest first
         if file_shape != shape:
             raise MistralNNXError(
                 f"{path}: tensor '{gguf_name}' has shape {list(file_shape)}, "
                 f"expected {list(shape)} for {hf_name}"
             )
-        if tensor.tensor_type not in SUPPORTED_TYPES:
+        if tensor.type not in _TYPES:
             raise MistralNNXError(
-                f"{path}: tensor '{gguf_name}' has quantization type {tensor.tensor_type.name}, "
-                f"which is not supported (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})"
+                f"{path}: tensor '{gguf_name}' has quantization type {_type_name(tensor.type)}, "
+                f"which is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
             )
-        if tensor.data.nbytes != tensor.n_bytes:
+        if tensor.start + _nbytes(tensor) > header.size:
             raise MistralNNXError(f"{path}: tensor '{gguf_name}' is truncated")
 
     for gguf_name, hf_name, shape in plan:
-        array = _dequantize(by_name[gguf_name], path).reshape(shape)
+        order = None
         if gguf_name.endswith(".attn_q.weight"):
-            array = _unpermute_rope_rows(array, config.num_heads)
+            order = _rope_row_order(shape[0], config.num_heads)
         elif gguf_name.endswith(".attn_k.weight"):
-            array = _unpermute_rope_rows(array, config.num_kv_heads)
-        yield hf_name, array
+            order = _rope_row_order(shape[0], config.num_kv_heads)
+        transposed = len(shape) > 1 and gguf_name != "token_embd.weight"
+        yield hf_name, _read(by_name[gguf_name], shape, path, transposed, order)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _open(path: Path) -> GGUFReader:
+def _open(path: Path) -> GGUFHeader:
     if not path.is_file():
         raise MistralNNXError(f"{path}: GGUF file not found")
-    stat = path.stat()
-    # Parsing the header (tens of thousands of vocab strings) takes seconds: read_gguf_config
-    # and iter_gguf_tensors share one reader while the file is unchanged.
-    return _open_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    header = read_gguf_header(path)  # parsed once per file: config, tokenizer and weights share it
+    for tensor in header.tensors.values():
+        if tensor.type in _TYPES and tensor.start + _nbytes(tensor) > header.size:
+            raise MistralNNXError(
+                f"{path}: not a valid GGUF file or truncated (tensor '{tensor.name}' ends past "
+                "the end of the file)"
+            )
+    return header
 
 
-@functools.lru_cache(maxsize=1)
-def _open_cached(path_text: str, size: int, mtime_ns: int) -> GGUFReader:
-    path = Path(path_text)
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises many kinds of errors on corrupt input
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MistralNNXError(f"{path}: not a valid GGUF file or truncated ({detail})") from None
-    if reader.byte_order != "I":
-        raise MistralNNXError(f"{path}: GGUF files of the opposite byte order are not supported")
-    return reader
-
-
-def _architecture(reader: GGUFReader, path: Path) -> str:
-    arch = _field(reader, "general.architecture")
+def _architecture(header: GGUFHeader, path: Path) -> str:
+    arch = header.metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise MistralNNXError(f"{path}: metadata 'general.architecture' is missing")
     if arch in REFUSED_ARCHITECTURES:
@@ -226,14 +230,8 @@ def _architecture(reader: GGUFReader, path: Path) -> str:
     return arch
 
 
-def _field(reader: GGUFReader, key: str) -> Any:
-    """The decoded value of a metadata key, or None when absent."""
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
-def _optional_int(reader: GGUFReader, key: str, path: Path) -> int | None:
-    value = _field(reader, key)
+def _optional_int(header: GGUFHeader, key: str, path: Path) -> int | None:
+    value = header.metadata.get(key)
     if value is not None and not isinstance(value, int):
         raise MistralNNXError(f"{path}: metadata '{key}' must be an integer, got {value!r}")
     return value
@@ -244,11 +242,11 @@ class _Metadata:
 
     _MISSING = object()
 
-    def __init__(self, reader: GGUFReader, path: Path, arch: str) -> None:
-        self.reader, self.path, self.arch = reader, path, arch
+    def __init__(self, header: GGUFHeader, path: Path, arch: str) -> None:
+        self.header, self.path, self.arch = header, path, arch
 
     def get(self, key: str) -> Any:
-        return _field(self.reader, f"{self.arch}.{key}")
+        return self.header.metadata.get(f"{self.arch}.{key}")
 
     def integer(self, key: str, default: Any = _MISSING) -> int:
         value = self.get(key)
@@ -284,7 +282,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_no_rope_scaling(reader: GGUFReader, meta: _Metadata, path: Path) -> None:
+def _check_no_rope_scaling(header: GGUFHeader, meta: _Metadata, path: Path) -> None:
     scaling_type = meta.get("rope.scaling.type")
     if scaling_type not in (None, "none"):
         raise MistralNNXError(
@@ -297,7 +295,7 @@ def _check_no_rope_scaling(reader: GGUFReader, meta: _Metadata, path: Path) -> N
             f"{path}: linear rope scaling ({meta.arch}.rope.scale_linear = {scale_linear}) "
             "is not supported in GGUF files"
         )
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if "rope_freqs.weight" in header.tensors:
         raise MistralNNXError(
             f"{path}: tensor 'rope_freqs.weight' (llama3-style rope scaling) is not supported "
             "in GGUF files"
@@ -344,25 +342,154 @@ def _tensor_plan(config: MistralConfig) -> list[tuple[str, str, tuple[int, ...]]
     return plan
 
 
-def _dequantize(tensor: ReaderTensor, path: Path) -> np.ndarray:
+def _type_name(kind: int) -> str:
+    if kind in _TYPES:
+        return _TYPES[kind][0]
+    from gguf import GGMLQuantizationType  # only to name a type this reader refuses
+
     try:
-        array = dequantize(tensor.data, tensor.tensor_type)
-    except Exception as e:
-        raise MistralNNXError(
-            f"{path}: cannot dequantize tensor '{tensor.name}' ({tensor.tensor_type.name}): {e}"
-        ) from None
-    array = np.asarray(array, dtype=np.float32)
-    if tensor.tensor_type == GGMLQuantizationType.F32:
-        array = array.copy()  # a view of the read-only memory map: hand out an array we own
-    return array
+        return GGMLQuantizationType(kind).name
+    except ValueError:
+        return f"unknown ({kind})"
 
 
-def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order: interleaved RoPE pairs back to HF's rotate-half halves.
+def _nbytes(tensor: GGUFTensorInfo) -> int:
+    _, block, size = _TYPES[tensor.type]
+    return int(np.prod(tensor.dims, dtype=np.int64)) // block * size
+
+
+def _rope_row_order(rows: int, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: HF row r is GGUF row order[r].
 
     Within each head llama.cpp stores row ``2 * j + h`` where HF has row ``h * head_dim / 2 + j``
     (``h`` in {0, 1} picks the half, ``j`` the frequency).
     """
-    rows, cols = weight.shape
     half = rows // n_heads // 2
-    return weight.reshape(n_heads, half, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    return np.arange(rows).reshape(n_heads, half, 2).swapaxes(1, 2).reshape(rows)
+
+
+def _read(
+    tensor: GGUFTensorInfo,
+    shape: tuple[int, ...],
+    path: Path,
+    transposed: bool,
+    order: np.ndarray | None,
+) -> np.ndarray:
+    """Dequantise one tensor (HF shape `shape`) to float32, a block of rows at a time. With
+    `transposed`, the matrix (each expert's matrix for 3-D) is written as [in, out] and its
+    [out, in] view returned."""
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    try:
+        raw = map_bytes(path, tensor.start, tensor.start + _nbytes(tensor)).reshape(rows, -1)
+    except (OSError, ValueError) as e:
+        raise MistralNNXError(f"{path}: cannot read tensor '{tensor.name}' ({e})") from None
+    decode = _decoder(tensor.type)
+    try:
+        if not transposed:
+            out = aligned_empty((rows, cols), np.dtype(np.float32))
+            step = max(_ROWS_PER_BLOCK, (1 << 20) // max(cols, 1))
+            for i in range(0, rows, step):
+                out[i : i + step] = decode(raw[i : i + step])
+            return out.reshape(shape)
+        experts = 1 if len(shape) == 2 else shape[0]
+        per = rows // experts  # rows of one matrix
+        out = aligned_empty((experts, cols, per), np.dtype(np.float32))
+        for j in range(experts):
+            for i in range(0, per, _ROWS_PER_BLOCK):
+                stop = min(i + _ROWS_PER_BLOCK, per)
+                if order is None:
+                    block = raw[j * per + i : j * per + stop]
+                else:  # the q/k row reordering, applied to the (small) quantised rows
+                    block = raw[order[i:stop]]
+                out[j, :, i:stop] = decode(block).T
+    except Exception as e:
+        raise MistralNNXError(
+            f"{path}: cannot dequantize tensor '{tensor.name}' ({_type_name(tensor.type)}): {e}"
+        ) from None
+    return out[0].T if len(shape) == 2 else out.swapaxes(1, 2)
+
+
+# ---- dequantisation: rows of raw blocks [r, bytes] uint8 -> [r, values] float32 ----------------
+# The same float32 operations, in the same order, as gguf-py's gguf.quants (bit-identical).
+Decoder = Callable[[np.ndarray], np.ndarray]
+
+
+def _decoder(kind: int) -> Decoder:
+    name, block, size = _TYPES[kind]
+    if name in _DECODERS:
+        blocks = _DECODERS[name]
+
+        def decode(raw: np.ndarray) -> np.ndarray:
+            r = raw.shape[0]
+            return blocks(raw.reshape(-1, size)).reshape(r, -1)
+
+        return decode
+    from gguf import GGMLQuantizationType  # K-quants: gguf-py's numpy decoders
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType(kind)
+    return lambda raw: dequantize(raw, qtype)
+
+
+def _half(b: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte `at` of every block, as float32 [n, 1]."""
+    return b[:, at : at + 2].view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes of 4-bit values -> 32 values: the low nibbles first, then the high ones."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """4 bytes (a little-endian u32) -> 32 bits, bit i for value i, as uint8 [n, 32]."""
+    bits = qh.view("<u4") >> np.arange(32, dtype=np.uint32)
+    return (bits & np.uint32(1)).astype(np.uint8)
+
+
+def _f32(b: np.ndarray) -> np.ndarray:
+    return b.view("<f4")
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return b.view("<f2").astype(np.float32)
+
+
+def _bf16(b: np.ndarray) -> np.ndarray:
+    return (b.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _q4_0(b: np.ndarray) -> np.ndarray:
+    q = _nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)
+    return _half(b, 0) * q.astype(np.float32)
+
+
+def _q4_1(b: np.ndarray) -> np.ndarray:
+    return (_half(b, 0) * _nibbles(b[:, 4:]).astype(np.float32)) + _half(b, 2)
+
+
+def _q5_0(b: np.ndarray) -> np.ndarray:
+    q = (_nibbles(b[:, 6:]) | (_fifth_bits(b[:, 2:6]) << np.uint8(4))).astype(np.int8)
+    return _half(b, 0) * (q - np.int8(16)).astype(np.float32)
+
+
+def _q5_1(b: np.ndarray) -> np.ndarray:
+    q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << np.uint8(4))
+    return (_half(b, 0) * q.astype(np.float32)) + _half(b, 2)
+
+
+def _q8_0(b: np.ndarray) -> np.ndarray:
+    return b[:, 2:].view(np.int8).astype(np.float32) * _half(b, 0)
+
+
+_DECODERS: dict[str, Decoder] = {
+    "F32": _f32,
+    "F16": _f16,
+    "BF16": _bf16,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+}

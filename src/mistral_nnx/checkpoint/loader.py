@@ -279,7 +279,7 @@ def place_tensors(
     check_shardable(model, sharder)
     graphdef, state = nnx.split(model)
     targets = dict(nnx.to_flat_state(state))
-    table = names.hf_table(config)
+    table = names.hf_table(config, np.dtype(param_dtype))  # the cast is fused into the re-layout
     loaded: set[tuple[Any, ...]] = set()
     bar = tqdm(
         total=len(targets),
@@ -291,7 +291,8 @@ def place_tensors(
     )
 
     def prepare(item: tuple[str, np.ndarray, Path]) -> tuple[tuple[Any, ...], np.ndarray] | None:
-        """Name -> model path, layout change, shape check (runs one tensor ahead, in a thread)."""
+        """Name -> model path, layout change + cast, shape check (runs one tensor ahead, in a
+        thread). `array` may be a view of a file map: the transform copies it out."""
         name, array, file = item
         if names.IGNORED_HF.match(name):
             return None

@@ -1,14 +1,17 @@
-"""A streaming safetensors reader: one tensor in host memory at a time, no mmap.
+"""A streaming safetensors reader: one tensor mapped at a time.
 
-Reading with pread instead of mmap keeps the file's pages out of this process's resident set,
-so peak host memory is the placed model plus one tensor. The header is validated up front, so a
-truncated or corrupt file fails before anything is placed.
+Each tensor comes as a read-only view of its own memory map of the file: the loader's re-layout
+(transpose, cast) then reads the page cache directly and writes the model's buffer once, with no
+intermediate copy. A map is released when its last view is dropped, so the file's pages leave
+this process's resident set tensor by tensor and peak host memory stays the placed model plus
+about one tensor. The header is validated up front, so a truncated or corrupt file fails before
+anything is placed.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import mmap
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,21 +102,49 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> n
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
-    """Read one tensor's bytes with pread into a fresh array."""
-    out = aligned_empty(info.shape, info.dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done, total = 0, info.end - info.start
-        while done < total:
-            n = os.preadv(fd, [view[done:]], info.start + done)
-            if n <= 0:
-                raise MistralNNXError(f"{path}: truncated file while reading tensor '{info.name}'")
-            done += n
-    finally:
-        os.close(fd)
+def owned(w: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """`w` in `dtype` as an array the model may keep: `w` itself when it is writable (not a
+    view of a file map), C-contiguous and 64-byte aligned, else an aligned copy (cast fused)."""
+    dtype = w.dtype if dtype is None else np.dtype(dtype)
+    if w.flags.writeable and w.flags.c_contiguous and w.dtype == dtype and is_aligned(w):
+        return w
+    out = aligned_empty(w.shape, dtype)
+    out[...] = w
     return out
+
+
+def is_aligned(w: np.ndarray, align: int = 64) -> bool:
+    return w.ctypes.data % align == 0
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the pages in once, in the kernel
+
+
+def map_bytes(path: Path, start: int, end: int) -> np.ndarray:
+    """Bytes [start, end) of a file as a read-only uint8 view of a memory map of just that range
+    (unmapped when the view and everything derived from it are gone)."""
+    if end <= start:
+        return np.zeros(0, np.uint8)
+    page = mmap.ALLOCATIONGRANULARITY
+    first = start - start % page
+    with open(path, "rb") as f:
+        data = mmap.mmap(
+            f.fileno(),
+            end - first,
+            flags=mmap.MAP_SHARED | _POPULATE,
+            prot=mmap.PROT_READ,
+            offset=first,
+        )
+    return np.frombuffer(data, np.uint8, end - start, start - first)
+
+
+def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
+    """One tensor as a read-only view of a memory map of its bytes."""
+    try:
+        raw = map_bytes(path, info.start, info.end)
+    except (OSError, ValueError) as e:
+        raise MistralNNXError(f"{path}: cannot read tensor '{info.name}' ({e})") from None
+    return raw.view(info.dtype).reshape(info.shape)
 
 
 def iter_safetensors(paths: list[Path]) -> Iterator[tuple[str, np.ndarray, Path]]:
