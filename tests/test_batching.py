@@ -22,11 +22,17 @@ from mistral_nnx.sampling import SamplingParams
 def engine(request, hf_checkpoints) -> Any:
     directory, _ = hf_checkpoints[request.param]
     model = mn.load_model(directory, progress=False)
-    eng = Engine(model, None, max_slots=3, max_seq_len=512, prefill_chunk=128, max_queue=2)
+    eng = Engine(
+        model, None, max_slots=3, max_seq_len=512, prefill_chunk=128, max_queue=2,
+        max_top_logprobs=TOP,
+    )  # fmt: skip
     eng.start()
     assert eng.ready.wait(timeout=600)
     yield eng
     eng.stop()
+
+
+TOP = 3  # the engine's max_top_logprobs
 
 
 def _requests() -> list[Request]:
@@ -40,20 +46,24 @@ def _requests() -> list[Request]:
             seed=i,
             stop_token_ids=[7] if i == 2 else [],
             logprobs=True,
+            top_logprobs=[0, TOP, 1][i % 3],  # chunks with and without the top-n program
         )
         for i, n in enumerate(lengths)
     ]
 
 
-def _run(engine: Engine, request: Request) -> tuple[list[int], list[float], str | None]:
+def _run(engine: Engine, request: Request) -> tuple[list[int], list[float], str | None, Any]:
     tokens: list[int] = []
     lps: list[float] = []
+    tops: list[list[tuple[int, float]]] | None = None
     reason = None
     for delta in engine.submit(request):
         tokens += delta.tokens
         lps += delta.logprobs or []
+        if delta.top_logprobs is not None:
+            tops = (tops or []) + delta.top_logprobs
         reason = delta.finish_reason
-    return tokens, lps, reason
+    return tokens, lps, reason, tops
 
 
 def test_alone_equals_batched_equals_generate(engine):
@@ -70,7 +80,7 @@ def test_alone_equals_batched_equals_generate(engine):
             time.sleep(0.3)  # arrive while others decode
         together = [f.result(timeout=600) for f in futures]
     assert together == alone
-    for r, (tokens, lps, _) in zip(requests, alone, strict=True):
+    for r, (tokens, lps, _, tops) in zip(requests, alone, strict=True):
         stop = [[t] for t in r.stop_token_ids] or None
         ref = mn.generate(
             engine.model,
@@ -81,9 +91,20 @@ def test_alone_equals_batched_equals_generate(engine):
             seed=r.seed,
             stop=stop,
             logprobs=True,
+            top_logprobs=r.top_logprobs,
         )[0]
         assert tokens == ref.tokens
         np.testing.assert_allclose(lps, ref.logprobs, atol=1e-5)
+        assert (tops is None) == (ref.top_logprobs is None)
+        if tops is not None and ref.top_logprobs is not None:
+            assert [[t for t, _ in p] for p in tops] == [
+                [t for t, _ in p] for p in ref.top_logprobs
+            ]
+            got, want = (
+                [[lp for _, lp in p] for p in tops],
+                [[lp for _, lp in p] for p in ref.top_logprobs],
+            )
+            np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_cancel_frees_the_slot(engine):

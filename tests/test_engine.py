@@ -154,6 +154,36 @@ def test_logprobs_are_the_model_distribution(window16):
     assert np.abs(np.asarray(out.logprobs) - expected).max() < 1e-4
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_top_logprobs_are_the_model_distribution(window16, temperature):
+    """Per step, the n most likely tokens of transformers' distribution, with their logprobs;
+    across decode chunks (decode_steps=3) and for two rows of different lengths."""
+    model, hf_model = window16
+    prompts, n = [_ids(10, 8), _ids(4, 9)], 4
+    options = EngineOptions(decode_steps=3)
+    outs = generate(
+        model, prompts, max_new_tokens=7, logprobs=True, top_logprobs=n, temperature=temperature,
+        seed=3, options=options,
+    )  # fmt: skip
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.top_logprobs is not None and len(out.top_logprobs) == len(out.tokens) == 7
+        logp = torch.log_softmax(torch.tensor(_hf_full_logits(hf_model, prompt + out.tokens)), -1)
+        for i, pairs in enumerate(out.top_logprobs):
+            want_lp, want_ids = torch.topk(logp[len(prompt) - 1 + i], n)
+            assert [t for t, _ in pairs] == want_ids.tolist()
+            np.testing.assert_allclose([lp for _, lp in pairs], want_lp.numpy(), atol=1e-4)
+        if temperature == 0.0:  # the greedy token is the most likely one, with the same logprob
+            assert [p[0][0] for p in out.top_logprobs] == out.tokens
+            assert [p[0][1] for p in out.top_logprobs] == out.logprobs
+
+
+def test_top_logprobs_must_fit_the_vocabulary(window16):
+    model, _ = window16
+    for bad in (-1, model.config.vocab_size + 1, 2.5):
+        with pytest.raises(MistralNNXError, match="top_logprobs must be an integer"):
+            generate(model, [[1, 2]], max_new_tokens=2, top_logprobs=bad)
+
+
 def test_stream_yields_increments(window16):
     """Chunks of decode_steps tokens per row, which join to transformers' greedy tokens."""
     model, hf_model = window16

@@ -23,7 +23,7 @@ openai = pytest.importorskip("openai")
 
 KEY = "sk-test"
 NAME = "smol"
-SLOTS, QUEUE, MAX_LEN = 4, 12, 256
+SLOTS, QUEUE, MAX_LEN, MAX_TOP = 4, 12, 256, 5
 TIMEOUT = 120
 
 
@@ -41,7 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     args = [
         "serve", "--port", str(port), "--max-slots", str(SLOTS), "--max-seq-len", str(MAX_LEN),
         "--prefill-chunk", "64", "--max-queue", str(QUEUE), "--decode-steps", "4",
-        "--api-key", KEY, "--served-model-name", NAME,
+        "--api-key", KEY, "--served-model-name", NAME, "--max-logprobs", str(MAX_TOP),
     ]  # fmt: skip
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(log, "wb") as err:
@@ -105,7 +105,7 @@ def test_health_and_models(server, client):
 def test_same_text_streamed_or_not_and_as_generate(client, local, sampling):
     model, tokenizer = local
     question = "Name three colours."
-    whole = _chat(client, question, max_tokens=12, logprobs=True, **sampling)
+    whole = _chat(client, question, max_tokens=12, logprobs=True, top_logprobs=3, **sampling)
     text, finish, chunks = _stream_text(
         client, question, max_tokens=12, stream_options={"include_usage": True}, **sampling
     )
@@ -124,18 +124,36 @@ def test_same_text_streamed_or_not_and_as_generate(client, local, sampling):
         top_p=sampling.get("top_p"),
         seed=sampling.get("seed", 0),
         logprobs=True,
+        top_logprobs=3,
     )[0]
     assert text == reference.text
-    got = [c.logprob for c in whole.choices[0].logprobs.content]
+    content = whole.choices[0].logprobs.content
+    got = [c.logprob for c in content]
     assert len(got) == len(reference.logprobs or [])
     # generate() ran at batch 1, the server at 4 slots: the same math, other GEMM blocking.
     np.testing.assert_allclose(got, reference.logprobs, atol=1e-4)
+    assert reference.top_logprobs is not None
+    tops = [[(e.token, e.logprob) for e in c.top_logprobs] for c in content]
+    want = [[(tokenizer.decode([t]), lp) for t, lp in p] for p in reference.top_logprobs]
+    assert [[t for t, _ in p] for p in tops] == [[t for t, _ in p] for p in want]
+    np.testing.assert_allclose(
+        [[lp for _, lp in p] for p in tops], [[lp for _, lp in p] for p in want], atol=1e-4
+    )
 
 
 def test_completions_with_token_ids(client, local):
-    _, tokenizer = local
+    model, tokenizer = local
     prompt = tokenizer.encode("The capital of France is")
-    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0)
+    out = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=6, temperature=0, logprobs=2
+    )
+    reference = mn.generate(model, [prompt], max_new_tokens=6, logprobs=True, top_logprobs=2)[0]
+    assert reference.top_logprobs is not None
+    top = out.choices[0].logprobs.top_logprobs
+    assert len(top) == len(reference.tokens)
+    for got, pairs in zip(top, reference.top_logprobs, strict=True):
+        assert list(got) == [tokenizer.decode([t]) for t, _ in pairs]
+        np.testing.assert_allclose(list(got.values()), [lp for _, lp in pairs], atol=1e-4)
     text = client.completions.create(
         model=NAME, prompt="The capital of France is", max_tokens=6, temperature=0
     )
@@ -175,13 +193,15 @@ def _metric(server: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def _wait_for(server: str, running: int, waiting: int = 0, timeout: float = 30) -> None:
+def _wait_for(server: str, running: int, waiting: int = 0, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while (
-        _metric(server, "mistral_nnx_requests_running"),
-        _metric(server, "mistral_nnx_requests_waiting"),
+        seen := (
+            _metric(server, "mistral_nnx_requests_running"),
+            _metric(server, "mistral_nnx_requests_waiting"),
+        )
     ) != (running, waiting):
-        assert time.time() < deadline, f"never {running} running and {waiting} waiting"
+        assert time.time() < deadline, f"never {running} running, {waiting} waiting: {seen}"
         time.sleep(0.05)
 
 
@@ -243,7 +263,9 @@ def test_full_queue_answers_503(server):
         ({"tools": [{"type": "function"}]}, 400, "tools"),
         ({"frequency_penalty": 0.5}, 400, "frequency_penalty"),
         ({"response_format": {"type": "json_schema"}}, 400, "response_format"),
-        ({"top_logprobs": 3, "logprobs": True}, 400, "top_logprobs"),
+        ({"top_logprobs": 3}, 400, "top_logprobs"),  # without logprobs=true
+        ({"top_logprobs": 6, "logprobs": True}, 400, "top_logprobs"),  # above --max-logprobs
+        ({"top_logprobs": -1, "logprobs": True}, 400, "top_logprobs"),
         ({"foo": 1}, 400, "foo"),
         ({"temperature": -1}, 400, "temperature"),
         ({"max_tokens": 0}, 400, "max_tokens"),

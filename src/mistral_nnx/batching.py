@@ -39,7 +39,9 @@ from mistral_nnx.engine import (
     _prefill_chunk,
     _RowOutput,
     _start,
+    check_top_logprobs,
     row_keys,
+    top_pairs,
 )
 from mistral_nnx.errors import MistralNNXError
 from mistral_nnx.model import Mistral
@@ -74,6 +76,7 @@ class Request:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # the n most likely tokens at each step, at most the engine's limit
 
 
 class RequestHandle:
@@ -141,7 +144,10 @@ class Engine:
         prefill_chunk: int = 512,
         max_queue: int = 256,
         min_bucket: int = 16,
+        max_top_logprobs: int = 0,
     ) -> None:
+        """`max_top_logprobs` > 0 compiles a second decode program that also returns the most
+        likely tokens of each step; chunks where no request asks for them run without."""
         config = model.config
         for name, value in (
             ("max_slots", max_slots),
@@ -151,6 +157,7 @@ class Engine:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MistralNNXError(f"{name} must be a positive integer, got {value!r}")
+        check_top_logprobs(max_top_logprobs, config.vocab_size)
         context = config.max_position_embeddings
         max_seq_len = max_seq_len or context
         if max_seq_len > context:
@@ -160,6 +167,7 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.max_slots, self.max_seq_len = max_slots, max_seq_len
         self.decode_steps, self.max_queue = decode_steps, max_queue
+        self.max_top_logprobs = max_top_logprobs
         self.prefill_chunk = min(prefill_chunk, max_seq_len)
         self.min_bucket = min(min_bucket, self.prefill_chunk)
         self.eos_ids = list(tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids)
@@ -214,6 +222,10 @@ class Engine:
             raise MistralNNXError(
                 f"the prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
                 f"context length {self.max_seq_len}"
+            )
+        if not 0 <= request.top_logprobs <= self.max_top_logprobs:
+            raise MistralNNXError(
+                f"top_logprobs must be in 0..{self.max_top_logprobs}, got {request.top_logprobs}"
             )
         if len(request.stop_token_ids) > MAX_STOP_TOKENS:
             raise MistralNNXError(f"at most {MAX_STOP_TOKENS} stop_token_ids are supported")
@@ -328,7 +340,10 @@ class Engine:
             history=jnp.full((1, 1), -1, jnp.int32),
             key=key,
         )
-        row_state, first, first_lp = _start(logits, row_state, sampling, rules)
+        top_n = self.max_top_logprobs if request.top_logprobs else 0
+        row_state, first, first_lp, top_ids, top_lp = _start(
+            logits, row_state, sampling, rules, top_n
+        )
         self.cache, self.state, self.sampling, self.rules = _insert(
             self.cache,
             self.state,
@@ -349,6 +364,7 @@ class Engine:
             slot,
             [int(np.asarray(first)[0, 0])],
             [float(np.asarray(first_lp)[0, 0])],
+            (np.asarray(top_ids)[0], np.asarray(top_lp)[0]),
             _FINISH_NAMES.get(finish) if done else None,
             None,
         )
@@ -358,13 +374,20 @@ class Engine:
         slot: int,
         tokens: list[int],
         lps: list[float],
+        top: tuple[np.ndarray, np.ndarray],
         reason: str | None,
         step_seconds: float | None,
     ) -> None:
+        """Hand a slot's new tokens to its request; `top` holds the ids and logprobs of the
+        most likely tokens at each of those steps ([T, n], n = 0 when nobody asked)."""
         entry = self._slots[slot]
         assert entry is not None
         request = entry.handle.request
-        delta = entry.output.advance(0, tokens, lps, reason, request.logprobs)
+        tops = None
+        if request.top_logprobs:
+            n = request.top_logprobs
+            tops = top_pairs(top[0][:, :n], top[1][:, :n])
+        delta = entry.output.advance(0, tokens, lps, reason, request.logprobs, tops)
         entry.generated += len(delta.tokens)
         self.stats.generated_tokens += len(delta.tokens)
         if self.on_tokens is not None and delta.tokens:
@@ -393,13 +416,21 @@ class Engine:
         for n in sizes:
             request = Request(prompt=[0] * min(n, self.max_seq_len - 1), max_tokens=1)
             self._admit(0, RequestHandle(request, on_delta=lambda d: None))
-        self._decode_chunk()
+        top_sizes = [0]
+        if self.max_top_logprobs:  # the programs that also return the most likely tokens
+            top_sizes.append(self.max_top_logprobs)
+            request = Request([0], max_tokens=1, top_logprobs=self.max_top_logprobs)
+            self._admit(0, RequestHandle(request, on_delta=lambda d: None))
+        for top_n in top_sizes:
+            self._decode_chunk(top_n)
         self._slots = [None] * self.max_slots
         self._init_device_state()
         self.stats.reset()  # in place: the server's metrics hold a reference
 
-    def _decode_chunk(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        self.cache, self.state, out_tok, out_lp = _decode(
+    def _decode_chunk(
+        self, top_n: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self.cache, self.state, out_tok, out_lp, top_ids, top_lp = _decode(
             self._graphdef,
             self._params,
             self.cache,
@@ -408,10 +439,13 @@ class Engine:
             self.rules,
             self.decode_steps,
             self._sharder,
+            top_n,
         )
         return (
             np.asarray(out_tok),
             np.asarray(out_lp),
+            np.asarray(top_ids),
+            np.asarray(top_lp),
             np.asarray(self.state.done),
             np.asarray(self.state.finish),
         )
@@ -431,7 +465,9 @@ class Engine:
                 if not any(self._slots):
                     continue
                 started = time.perf_counter()
-                tokens, lps, done, finish = self._decode_chunk()
+                wants_top = any(e and e.handle.request.top_logprobs for e in self._slots)
+                top_n = self.max_top_logprobs if wants_top else 0
+                tokens, lps, top_ids, top_lp, done, finish = self._decode_chunk(top_n)
                 per_token = (time.perf_counter() - started) / max(1, self.decode_steps)
                 for slot, entry in enumerate(self._slots):
                     if entry is None:
@@ -440,7 +476,8 @@ class Engine:
                     new = [int(t) for t in tokens[slot][valid]]
                     reason = _FINISH_NAMES.get(int(finish[slot])) if done[slot] else None
                     lp = [float(x) for x in lps[slot][valid]]
-                    self._deliver(slot, new, lp, reason, per_token)
+                    top = (top_ids[slot][valid], top_lp[slot][valid])
+                    self._deliver(slot, new, lp, top, reason, per_token)
                 self._update_counts()
         except BaseException as err:  # the server reports it (health 503); callers are told
             self.error = err

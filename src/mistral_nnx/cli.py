@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens per prefill call (prompt buckets go up to this; all are compiled "
         "at start-up)",
     )
+    serve.add_argument(
+        "--max-logprobs",
+        type=_top_k,
+        default=20,
+        help="the most top_logprobs a request may ask for (0: none; more than 0 compiles a "
+        "second decode program)",
+    )
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1")
     serve.add_argument(
         "--served-model-name", help="the model name clients use (default: from the source)"
@@ -640,6 +647,7 @@ def cmd_serve(args: argparse.Namespace, interrupts: _Interrupts) -> int:
         decode_steps=args.decode_steps,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
+        max_top_logprobs=min(args.max_logprobs, session.model.config.vocab_size),
     )
     app = create_app(engine, name, api_key=args.api_key)
     engine.start()

@@ -34,12 +34,14 @@ _FINISH_NAMES = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 @dataclasses.dataclass
 class Completion:
     """One prompt's result: the new token ids (EOS included when generated), the text (with a
-    tokenizer; stop strings cut off), why it ended, and the chosen tokens' logprobs if asked."""
+    tokenizer; stop strings cut off), why it ended, the chosen tokens' logprobs if asked, and per
+    token the `top_logprobs` most likely (token id, logprob) pairs if asked."""
 
     tokens: list[int]
     text: str | None
     finish_reason: str
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
@@ -51,6 +53,7 @@ class Delta:
     text: str | None
     logprobs: list[float] | None = None
     finish_reason: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, most likely first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,19 +190,33 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
+def _top(logits: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The n most likely tokens of each row and their logprobs ([B, n] each), computed as
+    sample() computes the chosen token's: logit - logsumexp(logits), so the two agree exactly."""
+    logits = logits.astype(jnp.float32)
+    if n == 0:
+        b = logits.shape[0]
+        return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32)
+    values, ids = jax.lax.top_k(logits, n)
+    return ids.astype(jnp.int32), values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=("top_n",), donate_argnames=("state",))
 def _start(
-    logits: jax.Array, state: DecodeState, sampling: BatchSampling, rules: StopRules
-) -> tuple[DecodeState, jax.Array, jax.Array]:
-    """Sample the first new token from the prefill logits."""
+    logits: jax.Array, state: DecodeState, sampling: BatchSampling, rules: StopRules, top_n: int
+) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Sample the first new token from the prefill logits (and the `top_n` most likely)."""
     key, sub = _split(state.key)
     token, logprob = sample(logits, sub, sampling)
     state = _finish_check(dataclasses.replace(state, key=key), token, rules)
-    return state, token[:, None], logprob[:, None]
+    top_ids, top_lp = _top(logits, top_n)
+    return state, token[:, None], logprob[:, None], top_ids[:, None], top_lp[:, None]
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "steps", "sharder"), donate_argnames=("cache", "state")
+    jax.jit,
+    static_argnames=("graphdef", "steps", "sharder", "top_n"),
+    donate_argnames=("cache", "state"),
 )
 def _decode(
     graphdef: nnx.GraphDef,
@@ -210,14 +227,17 @@ def _decode(
     rules: StopRules,
     steps: int,
     sharder: Sharder | None,
-) -> tuple[KVCache, DecodeState, jax.Array, jax.Array]:
-    """Up to `steps` decode steps on the device; stops early once every row is done."""
+    top_n: int = 0,
+) -> tuple[KVCache, DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Up to `steps` decode steps on the device; stops early once every row is done. Returns
+    the tokens [B, steps] (-1 past a row's end), their logprobs, and the ids and logprobs of the
+    `top_n` most likely tokens at each step [B, steps, top_n]."""
     b = state.token.shape[0]
     with activation_sharding(sharder):
         model = nnx.merge(graphdef, params)
 
         def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
-            i, cache, st, out_tok, out_lp = carry
+            i, cache, st, out_tok, out_lp, top_ids, top_lp = carry
             position = st.position + 1
             logits, cache = model.forward(
                 st.token[:, None],
@@ -238,22 +258,27 @@ def _decode(
             )
             out_tok = out_tok.at[:, i].set(jnp.where(was_active, token, -1))
             out_lp = out_lp.at[:, i].set(logprob)
-            return i + 1, cache, st, out_tok, out_lp
+            step_ids, step_lp = _top(logits, top_n)
+            top_ids, top_lp = top_ids.at[:, i].set(step_ids), top_lp.at[:, i].set(step_lp)
+            return i + 1, cache, st, out_tok, out_lp, top_ids, top_lp
 
         def cond(carry: tuple[Any, ...]) -> jax.Array:
             return (carry[0] < steps) & ~jnp.all(carry[2].done)
 
         out_tok = jnp.full((b, steps), -1, jnp.int32)
         out_lp = jnp.zeros((b, steps), jnp.float32)
-        _, cache, state, out_tok, out_lp = jax.lax.while_loop(
-            cond, body, (jnp.int32(0), cache, state, out_tok, out_lp)
+        top_ids = jnp.zeros((b, steps, top_n), jnp.int32)
+        top_lp = jnp.zeros((b, steps, top_n), jnp.float32)
+        _, cache, state, out_tok, out_lp, top_ids, top_lp = jax.lax.while_loop(
+            cond, body, (jnp.int32(0), cache, state, out_tok, out_lp, top_ids, top_lp)
         )
         # What the host reads comes back replicated: every process can read it (multi-host).
         out_tok, out_lp = replicate(out_tok), replicate(out_lp)
+        top_ids, top_lp = replicate(top_ids), replicate(top_lp)
         state = dataclasses.replace(
             state, done=replicate(state.done), finish=replicate(state.finish)
         )
-    return cache, state, out_tok, out_lp
+    return cache, state, out_tok, out_lp, top_ids, top_lp
 
 
 # ---- host side ------------------------------------------------------------------------------
@@ -354,6 +379,7 @@ def stream(
     seed: int | Sequence[int] = 0,
     stop: Sequence[str | Sequence[int]] | None = None,
     logprobs: bool = False,
+    top_logprobs: int = 0,
     options: EngineOptions | None = None,
     stats: dict[str, float] | None = None,
 ) -> Iterator[Delta]:
@@ -362,7 +388,9 @@ def stream(
     `seed` is one integer for the batch (row i samples from (seed, i)) or one per prompt (a row's
     output then depends only on its prompt and its seed, never on the rest of the batch). The text
     of a sequence that a stop string, a stop token sequence or EOS ended never holds that stop;
-    its `tokens` end with the token that stopped it.
+    its `tokens` end with the token that stopped it. `logprobs` adds each chosen token's logprob,
+    `top_logprobs=n` the n most likely (token id, logprob) pairs at each step; both are of the
+    model's own distribution (before temperature and filters), as in vLLM.
     """
     options = options or EngineOptions()
     if not isinstance(options, EngineOptions):
@@ -371,6 +399,7 @@ def stream(
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise MistralNNXError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     ids = _prepare_prompts(prompts, tokenizer, model.config.vocab_size)
+    check_top_logprobs(top_logprobs, model.config.vocab_size)
     config = model.config
     b = len(ids)
     keys = row_keys(seed, b)
@@ -429,7 +458,9 @@ def stream(
         history=jnp.full((b, history_len), -1, jnp.int32),
         key=keys,
     )
-    state, out_tok, out_lp = _start(last_logits, state, sampling, rules)
+    state, out_tok, out_lp, top_ids, top_lp = _start(
+        last_logits, state, sampling, rules, top_logprobs
+    )
     first_token_time = None
 
     text_stops = stop_sequences + [[int(e)] for e in eos_ids]  # cut from the text like strings
@@ -437,6 +468,7 @@ def stream(
     generated = 0
     while True:
         tok_np, lp_np = host_local_array(out_tok), host_local_array(out_lp)
+        top_ids_np, top_lp_np = host_local_array(top_ids), host_local_array(top_lp)
         done_np, finish_np = host_local_array(state.done), host_local_array(state.finish)
         if first_token_time is None:
             first_token_time = time.perf_counter() - t0
@@ -447,8 +479,9 @@ def stream(
             valid = tok_np[i] >= 0
             new = [int(t) for t in tok_np[i][valid]]
             lps = [float(x) for x in lp_np[i][valid]]
+            tops = top_pairs(top_ids_np[i][valid], top_lp_np[i][valid]) if top_logprobs else None
             reason = _FINISH_NAMES.get(int(finish_np[i])) if done_np[i] else None
-            delta = row.advance(i, new, lps, reason, logprobs)
+            delta = row.advance(i, new, lps, reason, logprobs, tops)
             generated += len(delta.tokens)
             if delta.finish_reason == "stop" and reason is None:
                 force_done.append(i)  # a stop string ended it: tell the device
@@ -464,8 +497,16 @@ def stream(
                 done=state.done | jnp.asarray(mask),
                 finish=jnp.where(jnp.asarray(mask), FINISH_STOP, state.finish),
             )
-        cache, state, out_tok, out_lp = _decode(
-            graphdef, params, cache, state, sampling, rules, options.decode_steps, sharder
+        cache, state, out_tok, out_lp, top_ids, top_lp = _decode(
+            graphdef,
+            params,
+            cache,
+            state,
+            sampling,
+            rules,
+            options.decode_steps,
+            sharder,
+            top_logprobs,
         )
     if stats is not None:
         elapsed = time.perf_counter() - t0
@@ -480,6 +521,21 @@ def stream(
         stats["decode_tokens_per_second"] = (
             (generated - b) / decode_time if decode_time > 0 and generated > b else 0.0
         )
+
+
+def check_top_logprobs(n: object, vocab_size: int) -> None:
+    if not _is_int(n) or not 0 <= n <= vocab_size:  # type: ignore[operator]
+        raise MistralNNXError(
+            f"top_logprobs must be an integer in 0..{vocab_size} (the vocabulary), got {n!r}"
+        )
+
+
+def top_pairs(ids: np.ndarray, lps: np.ndarray) -> list[list[tuple[int, float]]]:
+    """[T, n] ids and logprobs -> per token, the (id, logprob) pairs, most likely first."""
+    return [
+        [(int(t), float(lp)) for t, lp in zip(row_ids, row_lps, strict=True)]
+        for row_ids, row_lps in zip(ids, lps, strict=True)
+    ]
 
 
 class _RowOutput:
@@ -504,11 +560,17 @@ class _RowOutput:
         self.finished = False
 
     def advance(
-        self, index: int, tokens: list[int], lps: list[float], reason: str | None, want_lp: bool
+        self,
+        index: int,
+        tokens: list[int],
+        lps: list[float],
+        reason: str | None,
+        want_lp: bool,
+        tops: list[list[tuple[int, float]]] | None = None,
     ) -> Delta:
         if self.detok is None:
             self.finished = reason is not None
-            return Delta(index, tokens, None, lps if want_lp else None, reason)
+            return Delta(index, tokens, None, lps if want_lp else None, reason, tops)
         held = len(self.pending)
         to_decode = self._text_tokens(self.pending + tokens, reason)
         kept = len(tokens)
@@ -532,7 +594,8 @@ class _RowOutput:
         piece = self.text[self.released : end]
         self.released = end
         self.finished = reason is not None
-        return Delta(index, tokens[:kept], piece, lps[:kept] if want_lp else None, reason)
+        top = None if tops is None else tops[:kept]
+        return Delta(index, tokens[:kept], piece, lps[:kept] if want_lp else None, reason, top)
 
     def _text_tokens(self, ids: list[int], reason: str | None) -> list[int]:
         """The ids whose text can be decoded now; the rest wait in `pending`."""
@@ -583,12 +646,19 @@ def generate(
     seed: int | Sequence[int] = 0,
     stop: Sequence[str | Sequence[int]] | None = None,
     logprobs: bool = False,
+    top_logprobs: int = 0,
     options: EngineOptions | None = None,
     stats: dict[str, float] | None = None,
 ) -> list[Completion]:
     """One Completion per prompt, in order. See stream() for the arguments."""
     results = [
-        Completion([], "" if tokenizer else None, "length", [] if logprobs else None)
+        Completion(
+            [],
+            "" if tokenizer else None,
+            "length",
+            [] if logprobs else None,
+            [] if top_logprobs else None,
+        )
         for _ in prompts
     ]
     for delta in stream(
@@ -603,6 +673,7 @@ def generate(
         seed=seed,
         stop=stop,
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
         options=options,
         stats=stats,
     ):
@@ -612,6 +683,8 @@ def generate(
             result.text += delta.text
         if delta.logprobs is not None and result.logprobs is not None:
             result.logprobs.extend(delta.logprobs)
+        if delta.top_logprobs is not None and result.top_logprobs is not None:
+            result.top_logprobs.extend(delta.top_logprobs)
         if delta.finish_reason:
             result.finish_reason = delta.finish_reason
     return results

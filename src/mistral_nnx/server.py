@@ -43,7 +43,6 @@ _NEUTRAL: dict[str, Any] = {
     "best_of": 1,
     "echo": False,
     "suffix": None,
-    "top_logprobs": 0,
 }
 
 
@@ -106,11 +105,12 @@ class ChatRequest(_Base):
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
 
 
 class CompletionRequest(_Base):
     prompt: str | list[int] = Field(min_length=1)
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0)  # n: the n most likely tokens too
 
 
 class TokenizeRequest(BaseModel):
@@ -310,28 +310,38 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         except MistralNNXError as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _respond(body, ids, max_tokens, body.logprobs, request, chat=True)
+        top_n = body.top_logprobs or 0
+        if top_n and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        check_top(top_n, "top_logprobs")
+        return await _respond(body, ids, max_tokens, body.logprobs, top_n, request, chat=True)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _refuse_unsupported(body)
         check_model(body.model)
-        if body.logprobs not in (None, 0):
-            raise APIError(
-                400, "only logprobs=0 (the chosen tokens' logprobs) is supported", "logprobs"
-            )
+        top_n = body.logprobs or 0
+        check_top(top_n, "logprobs")
         if isinstance(body.prompt, str):
             ids = need_tokenizer("a text prompt").encode(body.prompt)
         else:
             ids = list(body.prompt)
         want_lp = body.logprobs is not None
-        return await _respond(body, ids, body.max_tokens or 16, want_lp, request, chat=False)
+        max_tokens = body.max_tokens or 16
+        return await _respond(body, ids, max_tokens, want_lp, top_n, request, chat=False)
+
+    def check_top(n: int, param: str) -> None:
+        if n > engine.max_top_logprobs:
+            raise APIError(
+                400, f"{param} must be at most {engine.max_top_logprobs}, got {n}", param=param
+            )
 
     async def _respond(
         body: _Base,
         ids: list[int],
         max_tokens: int | None,
         want_logprobs: bool,
+        top_n: int,
         http: Request,
         *,
         chat: bool,
@@ -361,6 +371,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                 stop_token_ids=list(body.stop_token_ids or []),
                 ignore_eos=body.ignore_eos,
                 logprobs=want_logprobs,
+                top_logprobs=top_n,
             )
             for i in range(body.n)
         ]
@@ -419,18 +430,34 @@ class _Shape:
             "model": self.model,
         }
 
-    def logprobs(self, tokens: list[int], lps: list[float] | None) -> Any:
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer else str(token)
+
+    def logprobs(
+        self, tokens: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None
+    ) -> Any:
         if lps is None:
             return None
-        pieces = [self.tokenizer.decode([t]) if self.tokenizer else str(t) for t in tokens]
+        pieces = [self.piece(t) for t in tokens]
+        alternatives = tops if tops is not None else [[] for _ in tokens]
         if self.chat:
+
+            def entry(piece: str, lp: float) -> dict[str, Any]:
+                return {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
+
             return {
                 "content": [
-                    {"token": p, "logprob": lp, "bytes": list(p.encode()), "top_logprobs": []}
-                    for p, lp in zip(pieces, lps, strict=False)
+                    {
+                        **entry(p, lp),
+                        "top_logprobs": [entry(self.piece(t), tlp) for t, tlp in alts],
+                    }
+                    for p, lp, alts in zip(pieces, lps, alternatives, strict=True)
                 ]
             }
-        return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
+        top = None
+        if tops is not None:  # the legacy shape: {token text: logprob}, as OpenAI returns it
+            top = [{self.piece(t): tlp for t, tlp in alts} for alts in tops]
+        return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": top, "text_offset": []}
 
     def choice(
         self, index: int, text: str, lp: Any, finish: str | None, *, delta: bool, first: bool
@@ -464,6 +491,7 @@ async def _collect(
     try:
         for index, q in enumerate(queues):
             text, tokens, lps = "", [], []
+            tops: list[list[tuple[int, float]]] = []
             while True:
                 getter = asyncio.ensure_future(_next(q))
                 while not getter.done():
@@ -475,11 +503,16 @@ async def _collect(
                 text += delta.text or ""
                 tokens += delta.tokens
                 lps += delta.logprobs or []
+                tops += delta.top_logprobs or []
                 if delta.finish_reason is not None:
                     break
             completion += len(tokens)
             metrics.requests.labels(delta.finish_reason).inc()
-            lp = shape.logprobs(tokens, lps if delta.logprobs is not None else None)
+            lp = shape.logprobs(
+                tokens,
+                lps if delta.logprobs is not None else None,
+                tops if delta.top_logprobs is not None else None,
+            )
             choices.append(
                 shape.choice(index, text, lp, delta.finish_reason, delta=False, first=True)
             )
@@ -528,7 +561,7 @@ async def _events(
                     yield event(body)
                     return
                 completion += len(delta.tokens)
-                lp = shape.logprobs(delta.tokens, delta.logprobs)
+                lp = shape.logprobs(delta.tokens, delta.logprobs, delta.top_logprobs)
                 choice = shape.choice(
                     index, delta.text or "", lp, delta.finish_reason, delta=True, first=False
                 )
