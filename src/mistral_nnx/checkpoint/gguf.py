@@ -378,6 +378,7 @@ def _read(
     """Dequantise one tensor (HF shape `shape`) to float32, a block of rows at a time. With
     `transposed`, the matrix (each expert's matrix for 3-D) is written as [in, out] and its
     [out, in] view returned."""
+    _, per_block, size = _TYPES[tensor.type]
     cols = shape[-1]
     rows = int(np.prod(shape[:-1], dtype=np.int64))
     try:
@@ -385,16 +386,20 @@ def _read(
     except (OSError, ValueError) as e:
         raise MistralNNXError(f"{path}: cannot read tensor '{tensor.name}' ({e})") from None
     decode = _decoder(tensor.type)
+    f32 = np.dtype(np.float32)
     try:
-        if not transposed:
-            out = aligned_empty((rows, cols), np.dtype(np.float32))
+        if not transposed:  # decoded straight into the output rows
+            out = aligned_empty((rows, cols), f32)
             step = max(_ROWS_PER_BLOCK, (1 << 20) // max(cols, 1))
             for i in range(0, rows, step):
-                out[i : i + step] = decode(raw[i : i + step])
+                decode(
+                    raw[i : i + step].reshape(-1, size), out[i : i + step].reshape(-1, per_block)
+                )
             return out.reshape(shape)
         experts = 1 if len(shape) == 2 else shape[0]
         per = rows // experts  # rows of one matrix
-        out = aligned_empty((experts, cols, per), np.dtype(np.float32))
+        out = aligned_empty((experts, cols, per), f32)
+        scratch = np.empty((_ROWS_PER_BLOCK * cols // per_block, per_block), f32)
         for j in range(experts):
             for i in range(0, per, _ROWS_PER_BLOCK):
                 stop = min(i + _ROWS_PER_BLOCK, per)
@@ -402,7 +407,9 @@ def _read(
                     block = raw[j * per + i : j * per + stop]
                 else:  # the q/k row reordering, applied to the (small) quantised rows
                     block = raw[order[i:stop]]
-                out[j, :, i:stop] = decode(block).T
+                values = scratch[: (stop - i) * cols // per_block]
+                decode(block.reshape(-1, size), values)
+                out[j, :, i:stop] = values.reshape(stop - i, cols).T
     except Exception as e:
         raise MistralNNXError(
             f"{path}: cannot dequantize tensor '{tensor.name}' ({_type_name(tensor.type)}): {e}"
@@ -410,77 +417,86 @@ def _read(
     return out[0].T if len(shape) == 2 else out.swapaxes(1, 2)
 
 
-# ---- dequantisation: rows of raw blocks [r, bytes] uint8 -> [r, values] float32 ----------------
-# The same float32 operations, in the same order, as gguf-py's gguf.quants (bit-identical).
-Decoder = Callable[[np.ndarray], np.ndarray]
+# ---- dequantisation: raw blocks [n, bytes] uint8 -> out [n, values] float32 -------------------
+# The same float32 values as gguf-py's gguf.quants (bit-identical: the same float32 products and
+# sums; the integer offsets are exact in float32), computed in place in `out`: no temporaries of
+# the block's size besides the nibbles.
+Decoder = Callable[[np.ndarray, np.ndarray], None]
 
 
 def _decoder(kind: int) -> Decoder:
-    name, block, size = _TYPES[kind]
+    name = _TYPES[kind][0]
     if name in _DECODERS:
-        blocks = _DECODERS[name]
-
-        def decode(raw: np.ndarray) -> np.ndarray:
-            r = raw.shape[0]
-            return blocks(raw.reshape(-1, size)).reshape(r, -1)
-
-        return decode
+        return _DECODERS[name]
     from gguf import GGMLQuantizationType  # K-quants: gguf-py's numpy decoders
     from gguf.quants import dequantize
 
     qtype = GGMLQuantizationType(kind)
-    return lambda raw: dequantize(raw, qtype)
+
+    def decode(b: np.ndarray, out: np.ndarray) -> None:
+        out[...] = dequantize(b, qtype)
+
+    return decode
 
 
 def _half(b: np.ndarray, at: int) -> np.ndarray:
     """The float16 at byte `at` of every block, as float32 [n, 1]."""
-    return b[:, at : at + 2].view(np.float16).astype(np.float32)
+    return b[:, at : at + 2].view("<f2").astype(np.float32)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
+def _nibbles(qs: np.ndarray, out: np.ndarray) -> None:
     """16 bytes of 4-bit values -> 32 values: the low nibbles first, then the high ones."""
-    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+    out[:, :16] = qs & np.uint8(0x0F)
+    out[:, 16:] = qs >> np.uint8(4)
 
 
-def _fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """4 bytes (a little-endian u32) -> 32 bits, bit i for value i, as uint8 [n, 32]."""
-    bits = qh.view("<u4") >> np.arange(32, dtype=np.uint32)
-    return (bits & np.uint32(1)).astype(np.uint8)
+def _fifth_bits(qh: np.ndarray, out: np.ndarray) -> None:
+    """Add bit i of 4 bytes (a little-endian u32) as 16 to value i."""
+    bits = (qh.view("<u4") >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
+    out += (bits << np.uint32(4)).astype(np.float32)
 
 
-def _f32(b: np.ndarray) -> np.ndarray:
-    return b.view("<f4")
+def _f32(b: np.ndarray, out: np.ndarray) -> None:
+    out[...] = b.view("<f4")
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    return b.view("<f2").astype(np.float32)
+def _f16(b: np.ndarray, out: np.ndarray) -> None:
+    out[...] = b.view("<f2")
 
 
-def _bf16(b: np.ndarray) -> np.ndarray:
-    return (b.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+def _bf16(b: np.ndarray, out: np.ndarray) -> None:
+    out[...] = (b.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def _q4_0(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)
-    return _half(b, 0) * q.astype(np.float32)
+def _q4_0(b: np.ndarray, out: np.ndarray) -> None:
+    _nibbles(b[:, 2:], out)
+    out -= np.float32(8)
+    out *= _half(b, 0)
 
 
-def _q4_1(b: np.ndarray) -> np.ndarray:
-    return (_half(b, 0) * _nibbles(b[:, 4:]).astype(np.float32)) + _half(b, 2)
+def _q4_1(b: np.ndarray, out: np.ndarray) -> None:
+    _nibbles(b[:, 4:], out)
+    out *= _half(b, 0)
+    out += _half(b, 2)
 
 
-def _q5_0(b: np.ndarray) -> np.ndarray:
-    q = (_nibbles(b[:, 6:]) | (_fifth_bits(b[:, 2:6]) << np.uint8(4))).astype(np.int8)
-    return _half(b, 0) * (q - np.int8(16)).astype(np.float32)
+def _q5_0(b: np.ndarray, out: np.ndarray) -> None:
+    _nibbles(b[:, 6:], out)
+    _fifth_bits(b[:, 2:6], out)
+    out -= np.float32(16)
+    out *= _half(b, 0)
 
 
-def _q5_1(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << np.uint8(4))
-    return (_half(b, 0) * q.astype(np.float32)) + _half(b, 2)
+def _q5_1(b: np.ndarray, out: np.ndarray) -> None:
+    _nibbles(b[:, 8:], out)
+    _fifth_bits(b[:, 4:8], out)
+    out *= _half(b, 0)
+    out += _half(b, 2)
 
 
-def _q8_0(b: np.ndarray) -> np.ndarray:
-    return b[:, 2:].view(np.int8).astype(np.float32) * _half(b, 0)
+def _q8_0(b: np.ndarray, out: np.ndarray) -> None:
+    out[...] = b[:, 2:].view(np.int8)
+    out *= _half(b, 0)
 
 
 _DECODERS: dict[str, Decoder] = {
