@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mistral_nnx.checkpoint.gguf_metadata import GGUFHeader, GGUFTensorInfo, read_gguf_header
-from mistral_nnx.checkpoint.safetensors_io import aligned_empty, map_bytes
+from mistral_nnx.checkpoint.safetensors_io import aligned_empty, in_halves, map_bytes
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.errors import MistralNNXError
 
@@ -387,29 +387,36 @@ def _read(
         raise MistralNNXError(f"{path}: cannot read tensor '{tensor.name}' ({e})") from None
     decode = _decoder(tensor.type)
     f32 = np.dtype(np.float32)
+    step = _ROWS_PER_BLOCK
     try:
         if not transposed:  # decoded straight into the output rows
-            out = aligned_empty((rows, cols), f32)
-            step = max(_ROWS_PER_BLOCK, (1 << 20) // max(cols, 1))
-            for i in range(0, rows, step):
-                decode(
-                    raw[i : i + step].reshape(-1, size), out[i : i + step].reshape(-1, per_block)
-                )
-            return out.reshape(shape)
+            flat = aligned_empty((rows, cols), f32)
+
+            def plain(start: int, stop: int) -> None:
+                for i in range(start, stop, step):
+                    end = min(i + step, stop)
+                    decode(raw[i:end].reshape(-1, size), flat[i:end].reshape(-1, per_block))
+
+            in_halves(rows, plain, step)
+            return flat.reshape(shape)
         experts = 1 if len(shape) == 2 else shape[0]
         per = rows // experts  # rows of one matrix
         out = aligned_empty((experts, cols, per), f32)
-        scratch = np.empty((_ROWS_PER_BLOCK * cols // per_block, per_block), f32)
         for j in range(experts):
-            for i in range(0, per, _ROWS_PER_BLOCK):
-                stop = min(i + _ROWS_PER_BLOCK, per)
-                if order is None:
-                    block = raw[j * per + i : j * per + stop]
-                else:  # the q/k row reordering, applied to the (small) quantised rows
-                    block = raw[order[i:stop]]
-                values = scratch[: (stop - i) * cols // per_block]
-                decode(block.reshape(-1, size), values)
-                out[j, :, i:stop] = values.reshape(stop - i, cols).T
+
+            def matrix(start: int, stop: int, j: int = j) -> None:
+                scratch = np.empty((step * cols // per_block, per_block), f32)
+                for i in range(start, stop, step):
+                    end = min(i + step, stop)
+                    if order is None:
+                        block = raw[j * per + i : j * per + end]
+                    else:  # the q/k row reordering, applied to the (small) quantised rows
+                        block = raw[order[i:end]]
+                    values = scratch[: (end - i) * cols // per_block]
+                    decode(block.reshape(-1, size), values)
+                    out[j, :, i:end] = values.reshape(end - i, cols).T
+
+            in_halves(per, matrix, step)
     except Exception as e:
         raise MistralNNXError(
             f"{path}: cannot dequantize tensor '{tensor.name}' ({_type_name(tensor.type)}): {e}"

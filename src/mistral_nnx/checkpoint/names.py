@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral_nnx.checkpoint.safetensors_io import aligned_empty, is_aligned, owned
+from mistral_nnx.checkpoint.safetensors_io import aligned_empty, in_halves, is_aligned, owned
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.errors import MistralNNXError
 
@@ -96,8 +96,11 @@ def transpose(w: np.ndarray, dtype: np.dtype | None = None, block: int = 128) ->
 
 
 def _transpose_into(out: np.ndarray, w: np.ndarray, block: int = 128) -> None:
-    for i in range(0, w.shape[0], block):
-        out[:, i : i + block] = w[i : i + block].T
+    def rows(start: int, stop: int) -> None:
+        for i in range(start, stop, block):
+            out[:, i : min(i + block, stop)] = w[i : min(i + block, stop)].T
+
+    in_halves(w.shape[0], rows, block)
 
 
 def swap_last(w: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +102,23 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> n
     raw = np.empty(nbytes + align, np.uint8)
     offset = (-raw.ctypes.data) % align
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+_WORKERS = min(2, os.cpu_count() or 1)
+_POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="mistral-nnx-relayout")
+
+
+def in_halves(total: int, fn: Callable[[int, int], None], step: int = 128) -> None:
+    """fn(start, stop) over [0, total) split in two (at a multiple of `step`), the halves run on
+    two threads: numpy's copies and ufuncs release the GIL, and one core re-laying out a tensor
+    is the loader's bottleneck on CPU."""
+    half = (total // 2 + step - 1) // step * step
+    if _WORKERS < 2 or total < 2 * step:
+        fn(0, total)
+        return
+    other = _POOL.submit(fn, half, total)
+    fn(0, half)
+    other.result()
 
 
 def owned(w: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
