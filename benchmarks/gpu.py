@@ -9,9 +9,12 @@ fill per distinct shape; nothing is materialised on the host). Everything runs t
 engine's own jitted step functions with `nnx.split(model)` state, as generate() calls them:
 
 * copy: a jitted `x + 1` over a 4 GiB array; bytes read + written / time.
-* prefill B x 2048: `engine._prefill_chunk` with one 2048-token chunk (pass
+* prefill B x 2048: `engine._prefill_chunk` with one 2048-token chunk into an empty cache (pass
   `EngineOptions(prefill_chunk=2048)` to generate() for the same program); TFLOP/s counts
-  2 x params x tokens, the convention of the reference figures.
+  2 x params x tokens, the convention of the reference figures. Every call gets an empty
+  cache (slot positions reset to -1), as generate() does: a first chunk attends only to
+  itself, and that is what takes cuDNN flash attention (the "attention:" line; see
+  mistral_nnx/attention.py). `--attention xla` forces the explicit-mask path for an A/B run.
 * decode at batch 1, 8, 32: `engine._decode` running 128 greedy steps in its on-device
   while_loop after a 128-token prompt, with a cache of 256 slots (what generate() allocates for
   128 + 128). The prompt's cache slots are marked filled without running a prefill (the
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -198,16 +202,21 @@ def copy_bandwidth(nbytes: int, timer: Timer) -> float:
 
 def bench_prefill(model: Any, batch: int, length: int, timer: Timer) -> tuple[float, float]:
     """(compile seconds, warm seconds) of one `length`-token chunk at `batch`."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from mistral_nnx import engine
-    from mistral_nnx.cache import init_cache
+    from mistral_nnx.cache import KVCache, init_cache
 
     config = model.config
     graphdef, params = nnx.split(model)
     holder = {"cache": init_cache(config, batch, length, model.dtype)}
+    n_layers, slots = len(holder["cache"].layers), holder["cache"].layers[0].capacity
+    # One jitted call makes every layer's "empty" slot positions (a buffer per layer: the cache
+    # is donated, and a buffer cannot be donated twice); keys/values stay, unread.
+    empty = jax.jit(lambda: tuple(jnp.full((batch, slots), -1, jnp.int32) for _ in range(n_layers)))
     rng = np.random.default_rng(batch)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -215,9 +224,15 @@ def bench_prefill(model: Any, batch: int, length: int, timer: Timer) -> tuple[fl
     last = jnp.zeros((batch, config.vocab_size), jnp.float32)
 
     def call() -> Any:
-        # The cache is donated; feeding the returned one back rewrites the same slots.
+        # The cache is donated; the returned one is fed back, emptied.
+        cache = KVCache(
+            tuple(
+                dataclasses.replace(layer, pos=p)
+                for layer, p in zip(holder["cache"].layers, empty(), strict=True)
+            )
+        )
         holder["cache"], logits = engine._prefill_chunk(
-            graphdef, params, holder["cache"], tokens, pos, lengths, last, None
+            graphdef, params, cache, tokens, pos, lengths, last, None
         )
         return holder["cache"], logits
 
@@ -287,7 +302,17 @@ def main() -> None:
         default=260.0,
         help="skip the remaining measurements once this many seconds have passed",
     )
+    p.add_argument(
+        "--attention",
+        choices=["auto", "cudnn", "dpa-xla", "xla"],
+        default="auto",
+        help="attention path of the prefill (auto: cudnn on a CUDA GPU; see attention.py)",
+    )
     args = p.parse_args()
+    if args.attention != "auto":
+        from mistral_nnx.attention import ENV
+
+        os.environ[ENV] = args.attention
 
     import jax
 
@@ -311,6 +336,14 @@ def main() -> None:
     print(_util.header(f"gpu.py ({title})"))
     packages = ("jax", "jaxlib", "flax", "numpy")
     print(f"device: {device.device_kind} ({backend}); {_util.versions(packages)}")
+    from mistral_nnx.attention import attention_path
+
+    attention = attention_path(jnp.bfloat16, config.head_dim)
+    print(
+        f"attention: {attention} (prefill chunks into an empty cache; decode and later chunks: "
+        "xla, the explicit mask)",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     model, n_params, embed_bytes = random_model(config)
@@ -387,7 +420,8 @@ def main() -> None:
     print("\ncompile times (first call - warm call):\n")
     print(_util.table(["program", "compile"], compiles))
     print(
-        f"\nwall time of the script: {time.perf_counter() - t_start:.0f} s; weights read per "
+        f"\nattention: {attention}; wall time of the script: {time.perf_counter() - t_start:.0f} "
+        "s; weights read per "
         f"decode step {step_weight_bytes / 1e9:.2f} GB (embedding table excluded; the "
         "reference roofline counts all params). Medians of "
         f"{args.repeats} warm calls.\n"

@@ -8,21 +8,24 @@ E head_dim, M mlp, V vocab. Every parameter carries logical axis names (metadata
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mistral_nnx.attention import attend_self, attention_path, contiguous_rows
 from mistral_nnx.cache import KVCache, LayerKV
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.moe import MoE
 from mistral_nnx.rope import apply_rope, llama4_query_scale, rope_parameters, rope_tables
+from mistral_nnx.sharding import _ACTIVE as _ACTIVE_SHARDER
 from mistral_nnx.sharding import Sharder, constrain
 
-__all__ = ["Mistral", "apply_rope", "attend", "rope_tables"]
+__all__ = ["Mistral", "apply_rope", "attend", "attend_chunk", "rope_tables"]
 
 Dtype = Any
 
@@ -100,26 +103,63 @@ class Attention(nnx.Module):
 
         new_pos = jnp.where(valid, positions, -1)  # padding is never a key
         window = self.window
+        # `general` attends with the explicit mask over whatever keys this call sees. attend_chunk
+        # may instead attend the chunk to itself alone (k_self, v_self) where that is the same:
+        # always without a cache, and when the cache was empty (a first prefill chunk).
+        general: Callable[[], jax.Array]
+        k_self, v_self, alone = k, v, None
         if cache is None:
-            out = attend(q, k, v, positions, new_pos, window)
+            general = functools.partial(attend, q, k, v, positions, new_pos, window)
         elif cache.can_write_before_read(x.shape[1]):
             # Decode (or a full-attention layer): writing first overwrites nothing still needed.
+            alone = jnp.all(cache.pos < 0) & jnp.all(~valid | (positions < cache.capacity))
+            k_self, v_self = (  # as attend_filled reads them back from the cache
+                k.astype(cache.k.dtype).astype(dt),
+                v.astype(cache.v.dtype).astype(dt),
+            )
             cache = cache.write(k, v, positions, valid)
-            out = attend_filled(q, cache, positions, window, dt)
+            general = functools.partial(attend_filled, q, cache, positions, window, dt)
         else:
             # A ring buffer taking a multi-token chunk: attend over the old entries plus the
             # chunk, then keep the newest entries.
+            alone = jnp.all(cache.pos < 0)
             keys = jnp.concatenate([cache.k.astype(dt), k], axis=1)
             values = jnp.concatenate([cache.v.astype(dt), v], axis=1)
             key_pos = jnp.concatenate([cache.pos, new_pos], axis=1)
             cache = cache.write(k, v, positions, valid)
-            out = attend(q, keys, values, positions, key_pos, window)
+            general = functools.partial(attend, q, keys, values, positions, key_pos, window)
+        out = attend_chunk(q, k_self, v_self, positions, valid, window, general, alone)
 
         # One matmul over (heads x head_dim): the equivalent einsum makes XLA's CPU backend
         # copy wo in every layer at every step.
         b, t, h, e = out.shape
         out = jnp.dot(out.reshape(b, t, h * e), self.wo[...].astype(dt).reshape(h * e, -1))
         return out, cache
+
+
+def attend_chunk(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    valid: jax.Array,
+    window: int | None,
+    general: Callable[[], jax.Array],
+    alone: jax.Array | None = None,
+) -> jax.Array:
+    """Attention of a chunk: q [B,T,H,E] with its own keys k/v [B,T,K,E]. On the "cudnn" path
+    (see attention.attention_path) a chunk that sees only itself (`alone`, default True) with
+    contiguous rows goes through jax.nn.dot_product_attention (cuDNN flash attention), chosen on
+    the device (lax.cond: nothing recompiles); everything else calls `general()`, the
+    explicit-mask attention. A single token (decode) always takes `general`."""
+    path = attention_path(q.dtype, q.shape[-1], sharded=_ACTIVE_SHARDER.get() is not None)
+    if path == "xla" or q.shape[1] == 1:
+        return general()
+    kernel: Literal["cudnn", "xla"] = "cudnn" if path == "cudnn" else "xla"
+    ok, offset = contiguous_rows(positions, valid)
+    if alone is not None:
+        ok &= alone
+    return jax.lax.cond(ok, lambda: attend_self(q, k, v, valid, offset, window, kernel), general)
 
 
 def attend_filled(
