@@ -282,7 +282,7 @@ def bench_decode(
             history=jnp.full((batch, 1), -1, jnp.int32),
             key=jax.random.key(0),
         )
-        holder["cache"], state, tokens, logprobs = engine._decode(
+        holder["cache"], state, tokens, *_ = engine._decode(
             graphdef, params, cache, state, sampling, rules, steps, None
         )
         return holder["cache"], tokens
