@@ -156,7 +156,7 @@ class DecodeBench:
         calls = max(1, total_steps // self.steps)
         t0 = time.perf_counter()
         for _ in range(calls):
-            cache, state, tok, _ = self.compiled(
+            cache, state, tok, *_ = self.compiled(
                 self.params, cache, state, self.sampling, self.rules
             )
             tok.block_until_ready() if self.steps == 1 else None
