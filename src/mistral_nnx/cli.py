@@ -73,7 +73,9 @@ def enable_compilation_cache(enabled: bool) -> None:
 
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     jax.config.update("jax_compilation_cache_dir", str(root / "mistral_nnx" / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every program, however quick to compile: a cold start runs ~20 small ones (sampling, cache
+    # set-up) whose compiles add up to more than reading them back.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 # ---- argument types -----------------------------------------------------------------------------
