@@ -18,9 +18,11 @@ plain added tokens; a BOS (and EOS) is added to each encoding as `tokenizer.ggml
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +102,9 @@ def _byte_level(metadata: Mapping[str, Any], tokens: Sequence[str]) -> Any:
     from tokenizers.models import BPE
 
     spelling = _byte_alphabet()
-    alphabet = _byte_alphabet_set()
+    spelled = _byte_alphabet_re().fullmatch  # a C-level check per token: half the time of sets
     vocab = {
-        token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode()): index
+        token if spelled(token) else "".join(spelling[b] for b in token.encode()): index
         for index, token in enumerate(tokens)
     }
     merges = _merges(metadata, vocab, scores=_scores(metadata, tokens))
@@ -158,8 +160,8 @@ def _merges(
     """The file's merges; else every split of a token into two vocabulary tokens, ranked by the
     merged token's score (higher first) or, without scores, by its id (lower first)."""
     listed = metadata.get("tokenizer.ggml.merges")
-    if isinstance(listed, list):
-        return [_pair(merge) for merge in listed]
+    if isinstance(listed, list):  # ~50k of them: no Python call per merge
+        return [(left, right) for left, _, right in map(str.partition, listed, repeat(" "))]
     ranked: list[tuple[float, int, int, str, str]] = []
     candidates = scores.keys() if scores is not None else vocab.keys()
     for token in candidates:
@@ -179,11 +181,6 @@ def _merges(
 def _scores(metadata: Mapping[str, Any], tokens: Sequence[str]) -> dict[str, float] | None:
     scores = metadata.get("tokenizer.ggml.scores")
     return dict(zip(tokens, scores, strict=False)) if isinstance(scores, list) else None
-
-
-def _pair(merge: str) -> tuple[str, str]:
-    left, _, right = merge.partition(" ")
-    return left, right
 
 
 def _add_tokens(
@@ -251,3 +248,9 @@ def _byte_alphabet() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def _byte_alphabet_set() -> frozenset[str]:
     return frozenset(_byte_alphabet().values())
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet_re() -> re.Pattern[str]:
+    """Matches a string spelled only in GPT-2's byte alphabet."""
+    return re.compile("[" + re.escape("".join(sorted(_byte_alphabet_set()))) + "]*")

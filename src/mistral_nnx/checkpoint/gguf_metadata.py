@@ -45,6 +45,9 @@ _SCALARS: dict[int, tuple[str, str]] = {
 }
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Truncated(Exception):
     pass
 
@@ -71,6 +74,26 @@ class _Cursor:
         self.pos = end
         return bytes(raw).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings: the vocabulary and merges, ~100k of them, so the loop is kept tight
+        (half the time of `string()` per item)."""
+        data, pos, size = self.data, self.pos, len(self.data)
+        unpack = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        try:
+            for _ in range(count):
+                (length,) = unpack(data, pos)
+                pos += 8
+                append(data[pos : pos + length].decode("utf-8", errors="replace"))
+                pos += length
+        except struct.error:
+            raise _Truncated from None
+        if pos > size:
+            raise _Truncated
+        self.pos = pos
+        return out
+
     def value(self, kind: int) -> Any:
         if kind == _STRING:
             return self.string()
@@ -85,7 +108,7 @@ class _Cursor:
         kind = self.take("<I")
         count = self.take("<Q")
         if kind == _STRING:
-            return [self.string() for _ in range(count)]
+            return self.strings(count)
         if kind == _ARRAY:
             return [self.array() for _ in range(count)]
         if kind not in _SCALARS:
