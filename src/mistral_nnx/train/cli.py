@@ -14,7 +14,8 @@ DESCRIPTION = (
     'renders them) or of text ({"text": ...}). Writes OUT/log.jsonl (loss curve), '
     "OUT/checkpoints/ (orbax, every --save-every steps and at the end; --resume continues "
     "exactly), OUT/adapter/ (PEFT format) and, with --save-merged or --full, OUT/merged/ "
-    "(HF safetensors + config.json + tokenizer files)."
+    "(HF safetensors + config.json + tokenizer files). --qlora nf4|int4|int8 quantises the "
+    "frozen base (QLoRA)."
 )
 
 
@@ -78,6 +79,14 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
         "such as 'layers/0/attn/wq'",
     )
     lora.add_argument("--full", action="store_true", help="train every weight instead of LoRA")
+    lora.add_argument(
+        "--qlora",
+        choices=["nf4", "int4", "int8"],
+        help="QLoRA: quantise the frozen base projections (qwix) and train float32 adapters",
+    )
+    lora.add_argument(
+        "--qlora-block", type=_positive_int, default=64, help="inputs per quantisation scale"
+    )
     opt = p.add_argument_group("optimization")
     opt.add_argument("--lr", type=_number, default=2e-4, help="peak learning rate (AdamW)")
     opt.add_argument(
@@ -116,6 +125,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """FinetuneConfig from parsed arguments (the default model resolved here)."""
+    from mistral_nnx.errors import MistralNNXError
     from mistral_nnx.train.loop import FinetuneConfig
     from mistral_nnx.train.lora import LoraConfig
     from mistral_nnx.train.step import OptimConfig
@@ -126,9 +136,18 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
         model = str(default_model())
     lora = None
+    if args.full and args.qlora:
+        raise MistralNNXError("--qlora trains LoRA adapters: it cannot be combined with --full")
     if not args.full:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        lora = LoraConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+        lora = LoraConfig(
+            args.lora_rank,
+            args.lora_alpha,
+            args.lora_dropout,
+            targets,
+            quant=args.qlora,
+            quant_block=args.qlora_block,
+        )
     warmup = args.warmup if args.warmup < 1 else int(args.warmup)
     optim = OptimConfig(
         steps=args.steps,

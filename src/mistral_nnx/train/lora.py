@@ -11,12 +11,21 @@ On top of qwix, the provider below:
   casts the projection's output back to the compute dtype;
 - intercepts `forward` (what `__call__` and the inference engine both call) and applies dropout
   only while the model holds dropout random state (training).
+
+QLoRA (`quant="nf4" | "int4" | "int8"`): the same rule carries qwix's `weight_qtype`, so qwix
+quantises every projection of the decoder layers (LoRA targets or not, as bitsandbytes does) in
+blocks of `quant_block` along the contracted axis, and its quantised einsum / dot_general
+computes with them (nf4 dequantised to the compute dtype first). Our model reads a weight as
+`self.w[...].astype(dt)`, which qwix's own WithAux cannot follow (its astype fails on a QArray,
+and telling wk from wv by shape is ambiguous), so quantised weights are held in `QuantWeight`:
+a WithAux whose astype casts the scales and which carries its own path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +49,8 @@ SHORT_TARGETS = {
     "down": r"layers/\d+/mlp/down",
 }
 ALL_TARGETS = tuple(SHORT_TARGETS)
+ATTENTION_TARGETS = ("q", "k", "v", "o")
+QUANT_TYPES = ("nf4", "int4", "int8")
 # Our weight name -> HF / PEFT module name.
 HF_MODULES = {
     "wq": "self_attn.q_proj",
@@ -62,6 +73,10 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ALL_TARGETS
+    # QLoRA: the frozen base projections quantised by qwix ("nf4", "int4", "int8"), one scale
+    # per block of `quant_block` inputs (bitsandbytes' nf4 uses 64).
+    quant: str | None = None
+    quant_block: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -77,6 +92,14 @@ class LoraConfig:
                 re.compile(SHORT_TARGETS.get(t, t))
             except re.error as e:
                 raise MistralNNXError(f"LoRA target {t!r} is not a valid regex: {e}") from None
+        if self.quant is not None and self.quant not in QUANT_TYPES:
+            raise MistralNNXError(
+                f"QLoRA quantisation must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}"
+            )
+        if not isinstance(self.quant_block, int) or self.quant_block <= 0:
+            raise MistralNNXError(
+                f"QLoRA block size must be a positive integer, got {self.quant_block!r}"
+            )
 
     @property
     def scaling(self) -> float:
@@ -104,13 +127,46 @@ _CLASSES: dict[Any, type] = {}
 
 
 @functools.cache
-def _provider(config: LoraConfig) -> Any:
+def quant_weight_class() -> Any:
+    """`QuantWeight`: qwix's WithAux (a quantised weight: QArray + how it was quantised) that
+    survives our model's `w[...].astype(dt)` and names its weight (path "layers/0/attn/wq")."""
+    import flax.struct
+    from qwix._src.providers import ptq
+
+    @flax.struct.dataclass
+    class QuantWeight(ptq.WithAux):  # type: ignore[misc]
+        path: str = flax.struct.field(pytree_node=False, default="")
+
+        def astype(self, dtype: Any) -> Any:
+            # the QArray's astype sets the dequantised dtype (its scales')
+            return self.replace(array=self.array.astype(dtype))
+
+        def reshape(self, *shape: Any) -> Any:
+            # stored in the compute layout already (wo as [h*e, d]); WithAux's own reshape
+            # refuses a -1 even when it names that layout
+            dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+            if -1 in dims:
+                known = math.prod(d for d in dims if d != -1)
+                dims = tuple(math.prod(self.shape) // known if d == -1 else d for d in dims)
+            return super().reshape(dims)
+
+    nnx.register_data_type(QuantWeight)
+    return QuantWeight
+
+
+def _qtype(name: str) -> Any:
+    return {"nf4": "nf4", "int4": jnp.int4, "int8": jnp.int8}[name]
+
+
+@functools.cache
+def _provider(config: LoraConfig, moe: bool = False) -> Any:
     import qwix
     from qwix._src.providers import lora as qlora
     from qwix._src.providers import ptq
     from qwix._src.utils import flax_util
 
     patterns = [re.compile(p) for p in config.patterns]
+    quant_weight = quant_weight_class()
 
     class TargetedLoraProvider(qwix.LoraProvider):  # type: ignore[misc]
         """qwix's LoraProvider restricted to weights whose path matches a target. The adapter
@@ -121,11 +177,18 @@ def _provider(config: LoraConfig) -> Any:
         the compute dtype (float32 adapters on a bfloat16 model)."""
 
         def _target(self, op: str, rhs: Any) -> tuple[Any, str] | None:
+            """(rule, weight name) when `rhs` is a target weight. Called before the base
+            op: qwix's quantisation (on the first, building call) replaces the weight, after
+            which wk and wv could no longer be told apart."""
             rule, _ = self._get_current_rule_and_op_id(op, repeated_call=True)
-            name = flax_util.find_param(rhs, ptq.WithAux)
+            if isinstance(rhs, quant_weight):
+                path = rhs.path
+                name = path.rpartition("/")[2]
+            else:
+                name = flax_util.find_param(rhs, ptq.WithAux)
+                path = "/".join(map(str, flax_util.get_current_module_path())) + f"/{name}"
             if not isinstance(rule, qlora.LoraRule) or name is None:
                 return None
-            path = "/".join(map(str, flax_util.get_current_module_path())) + "/" + name
             return (rule, name) if any(p.fullmatch(path) for p in patterns) else None
 
         def _dropout(self, rule: Any, x: jax.Array) -> jax.Array:
@@ -136,8 +199,11 @@ def _provider(config: LoraConfig) -> Any:
             return x
 
         def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
-            out = ptq.PtqProvider.einsum(self, einsum_str, *operands, **kwargs)
             found = self._target("einsum", operands[1]) if len(operands) == 2 else None
+            if len(operands) == 2 and isinstance(operands[1], quant_weight):
+                out = self._einsum_fn(einsum_str, operands[0], operands[1].array)
+            else:
+                out = ptq.PtqProvider.einsum(self, einsum_str, *operands, **kwargs)
             if found is None:
                 return out
             (rule, name), (lhs, rhs) = found, operands
@@ -166,21 +232,28 @@ def _provider(config: LoraConfig) -> Any:
         ) -> jax.Array:
             # In our model every jnp.dot inside a LoRA'd module takes a weight; wo is reshaped
             # first, which qwix can only follow back to its parameter inside a jit trace.
-            if not isinstance(rhs, jax.core.Tracer) and flax_util.find_param(rhs) is None:
-                raise MistralNNXError(
-                    "a LoRA model must be called under jax.jit / nnx.jit (qwix finds reshaped "
-                    "weights only while tracing)"
-                )
-            out = ptq.PtqProvider.dot_general(
-                self,
-                lhs,
-                rhs,
-                dimension_numbers,
-                precision,
-                preferred_element_type,
-                out_sharding=out_sharding,
-            )
+            quantised = isinstance(rhs, quant_weight)
+            if not quantised and not isinstance(rhs, jax.core.Tracer):
+                if flax_util.find_param(rhs) is None:
+                    raise MistralNNXError(
+                        "a LoRA model must be called under jax.jit / nnx.jit (qwix finds "
+                        "reshaped weights only while tracing)"
+                    )
             found = self._target("dot_general", rhs)
+            if quantised:
+                out = self._dot_general_fn(
+                    lhs, rhs.array, dimension_numbers, out_sharding=out_sharding
+                )
+            else:
+                out = ptq.PtqProvider.dot_general(
+                    self,
+                    lhs,
+                    rhs,
+                    dimension_numbers,
+                    precision,
+                    preferred_element_type,
+                    out_sharding=out_sharding,
+                )
             if found is None:
                 return out
             rule, name = found
@@ -215,12 +288,14 @@ def _provider(config: LoraConfig) -> Any:
             return (out + delta * (rule.alpha / rule.rank)).astype(lhs.dtype)
 
     return TargetedLoraProvider(
-        module_path=r"layers/\d+/(attn|mlp)",
+        module_path=r"layers/\d+/attn" if moe else r"layers/\d+/(attn|mlp)",
         rank=config.rank,
         alpha=float(config.alpha),
         dropout=config.dropout,
         lora_a_initializer=_zeros_f32,
         lora_b_initializer=_zeros_f32,
+        weight_qtype=_qtype(config.quant) if config.quant else None,
+        tile_size=config.quant_block if config.quant else None,
     )
 
 
@@ -231,12 +306,35 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
     qwix builds the adapted model while running it once; that run is only traced (nnx.eval_shape:
     no compile, and qwix can follow a reshaped weight back to its parameter while tracing). The
     base weights are then shared with `model` and the adapters initialised here from `seed`.
+    With `config.quant` (QLoRA) the decoder layers' projections are quantised here instead.
+
+    Mixture-of-experts models get adapters (and may only target) the attention projections:
+    qwix's einsum LoRA over the stacked experts [E, D, M] would be one A shared by all experts
+    (not PEFT's per-expert adapters), and the experts' combine einsum has three operands, which
+    qwix's LoRA and quantisation refuse.
     """
     import qwix
 
-    if model.config.is_moe:
-        raise MistralNNXError("LoRA on mixture-of-experts models is not supported yet")
-    provider = _provider(config)
+    moe = model.config.is_moe
+    if moe and config.quant:
+        raise MistralNNXError(
+            "QLoRA on mixture-of-experts models is not supported (qwix cannot quantise the "
+            "expert einsums); use LoRA without --qlora"
+        )
+    if config.quant:
+        c = model.config
+        inputs = {
+            "hidden_size": c.hidden_size,
+            "num_heads * head_dim": c.num_heads * c.head_dim,
+            "intermediate_size": c.intermediate_size,
+        }
+        bad = [f"{k} {v}" for k, v in inputs.items() if v % config.quant_block]
+        if bad:
+            raise MistralNNXError(
+                f"QLoRA block size {config.quant_block} must divide the quantised weights' "
+                f"input sizes ({', '.join(bad)})"
+            )
+    provider = _provider(config, moe)
     tokens = jnp.zeros((1, 2), jnp.int32)
     current = dict(nnx.to_flat_state(nnx.state(model)))
     shapes_only = isinstance(current[("embed",)].get_value(), jax.ShapeDtypeStruct)
@@ -258,6 +356,8 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
     adapters = 0
     for path, var in nnx.to_flat_state(state):
         if not isinstance(var, nnx.LoRAParam):
+            if path not in current:
+                continue  # a quantised weight's QArray leaves, filled in by _quantise_base
             var.set_value(current[path].get_value())
             continue
         adapters += 1
@@ -269,14 +369,64 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
         else:
             var.set_value(jnp.asarray(init_a(rng, shape)))
     if not adapters:
-        raise MistralNNXError(f"LoRA targets {list(config.targets)} match no weight of the model")
+        only = " (mixture-of-experts models: attention only, q, k, v, o)" if moe else ""
+        raise MistralNNXError(
+            f"LoRA targets {list(config.targets)} match no weight of the model{only}"
+        )
     lora_model: Mistral = nnx.merge(graphdef, state)
+    if config.quant:
+        _quantise_base(lora_model, current, shapes_only)
     # qwix makes a new subclass (holding the intercepted __call__) on every call; one per
     # provider keeps graphdefs of equal setups equal, so they share compiled programs.
     lora_model.__class__ = _CLASSES.setdefault(provider, type(lora_model))
     if config.dropout > 0:
         lora_model.set_attributes(qwix_rngs=nnx.Rngs(dropout=seed + 1), raise_if_not_found=False)
     return lora_model
+
+
+def _quantise_base(model: Mistral, current: dict[Any, Any], shapes_only: bool) -> None:
+    """Replace (in place) the WithAux weights qwix made while tracing (abstract QArrays) by
+    QuantWeights holding the base weights quantised as qwix decided (qtype, blocks, the compute
+    layout: wo as [h*e, d]); quantised from float32 so the scales keep full precision."""
+    from qwix._src.core import qarray
+    from qwix._src.providers import ptq
+
+    quant_weight = quant_weight_class()
+    for path, module in list(nnx.iter_graph(model)):
+        if not isinstance(module, nnx.Module):
+            continue
+        for name, value in list(vars(module).items()):
+            if not isinstance(value, ptq.WithAux):
+                continue
+            key = (*path, name)
+            if shapes_only:
+                quantised = jax.tree.map(lambda v: v.get_value(), value.array, is_leaf=_is_var)
+            else:
+                weight = current[key].get_value().astype(jnp.float32).reshape(value.shape)
+                how = value.how
+                quantised = jax.jit(lambda w, how=how: qarray.quantize(w, how))(weight)
+            boxed = jax.tree.map(nnx.Param, quantised)
+            setattr(module, name, quant_weight(boxed, value.how, path="/".join(map(str, key))))
+
+
+def dequantised_weights(model: Mistral) -> dict[tuple[Any, ...], jax.Array]:
+    """{weight path: dequantised array (compute layout, float32)} of a QLoRA model's
+    quantised weights (empty for others)."""
+    from qwix._src.core import qarray
+
+    quant_weight = quant_weight_class()
+    out = {}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module):
+            for name, value in vars(module).items():
+                if isinstance(value, quant_weight):
+                    array = jax.tree.map(lambda v: v[...], value.array, is_leaf=_is_var)
+                    out[(*path, name)] = qarray.dequantize(array)
+    return out
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def without_dropout(model: Mistral) -> Mistral:
@@ -314,14 +464,17 @@ def merged_delta(weight_shape: tuple[int, ...], a: jax.Array, b: jax.Array) -> j
 
 def merge_lora(model: Mistral, scaling: float) -> Mistral:
     """A plain Mistral (no adapters, no qwix interception) with W + scaling * A @ B, in the
-    base weights' dtype."""
+    base weights' dtype. QLoRA's quantised weights are dequantised first: the merged model is
+    the function that was trained."""
     pairs = lora_pairs(model)
-    current = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    current = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for path, weight in dequantised_weights(model).items():
+        current[path] = weight.astype(model.dtype)  # the dtype the model computed with
     plain = Mistral(model.config, dtype=model.dtype, abstract=True)
     plain.sharder = model.sharder
     graphdef, state = nnx.split(plain)
     for path, var in nnx.to_flat_state(state):
-        value = current[path][...]
+        value = current[path].reshape(var.get_value().shape)  # wo: [h*e, d] when quantised
         key = "/".join(map(str, path))
         if key in pairs:
             delta = merged_delta(value.shape, *pairs[key]) * scaling
