@@ -1,18 +1,23 @@
-"""Checkpoint load time and peak host memory: safetensors and orbax vs a raw read of the files.
+"""Checkpoint load time and peak host memory: safetensors, GGUF-F32 and orbax vs a raw read.
 
-    .venv/bin/python benchmarks/load.py                # ~700 MB + ~500 MB checkpoints, 3 repeats
-    .venv/bin/python benchmarks/load.py --repeats 5
+    .venv/bin/python benchmarks/load.py                     # warm page cache, 3 repeats
+    .venv/bin/python benchmarks/load.py --page-cache cold   # files evicted before every run
+    .venv/bin/python benchmarks/load.py --compare-src /tmp/old/src   # an older tree beside
 
 Builds a random float32 Mistral (~700 MB) with transformers' save_pretrained, converts it once
-to this project's orbax format with `mistral_nnx.save_model`, and builds a second one of ~500 MB.
-Every measurement runs in a fresh process under `/usr/bin/time -v` (peak RSS), with the page
-cache of the files it reads evicted first (`posix_fadvise(POSIX_FADV_DONTNEED)` after
-`fdatasync`, checked with `fincore` where present), in alternating order:
+to this project's orbax format with `mistral_nnx.save_model` and to a float32 GGUF the way
+llama.cpp lays it out (q/k rows permuted). Every measurement runs in a fresh process under
+`/usr/bin/time -v` (peak RSS), in alternating order, with the files it reads either read once
+just before (`--page-cache warm`, the default) or evicted (`cold`: `posix_fadvise(DONTNEED)`
+after `fdatasync`, checked with `fincore` where present):
 
 * raw read: `cat <files> > /dev/null` of the same files (time measured around the process);
+* copy: a numpy child reading the safetensors file into one fresh array (`readinto`), timed
+  after its imports: what any load that ends with the weights in fresh memory must pay;
 * load: `mistral_nnx.load_model(path)` + block_until_ready, timed inside the child (after its
   imports); peak RSS is the whole child process, imports included;
-* baseline: a bare `import mistral_nnx, jax; jax.devices()` process, for its RSS.
+* baseline: a bare `import mistral_nnx, jax; jax.devices()` process, for its RSS (the JAX
+  runtime's own share, reported separately).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,6 +50,17 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1,
                   "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6}))
 """
 
+COPY_CHILD = """
+import json, sys, time
+import numpy as np
+t0 = time.perf_counter()
+with open(sys.argv[1], "rb", buffering=0) as f:
+    size = f.seek(0, 2); f.seek(0)
+    out = np.empty(size, np.uint8)
+    f.readinto(memoryview(out))
+print(json.dumps({"load_s": time.perf_counter() - t0}))
+"""
+
 BASELINE_CHILD = """
 import json, resource
 import jax
@@ -57,6 +74,44 @@ import sys
 import mistral_nnx
 mistral_nnx.save_model(mistral_nnx.load_model(sys.argv[1], progress=False), sys.argv[2])
 """
+
+
+def write_gguf_f32(st: Path, out: Path) -> None:
+    """The safetensors checkpoint as a float32 GGUF in llama.cpp's layout (run in a child:
+    it imports gguf-py and safetensors)."""
+    code = f"""
+import json
+import gguf, numpy as np
+from safetensors.numpy import load_file
+c = json.load(open({str(st / "config.json")!r}))
+w = load_file({str(st / "model.safetensors")!r})
+h, kv, e = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+def permute(x, n):
+    return x.reshape(n, 2, e // 2, x.shape[1]).swapaxes(1, 2).reshape(x.shape)
+g = gguf.GGUFWriter({str(out)!r}, "llama")
+g.add_block_count(c["num_hidden_layers"]); g.add_context_length(c["max_position_embeddings"])
+g.add_embedding_length(c["hidden_size"]); g.add_feed_forward_length(c["intermediate_size"])
+g.add_head_count(h); g.add_head_count_kv(kv); g.add_key_length(e); g.add_value_length(e)
+g.add_rope_dimension_count(e); g.add_layer_norm_rms_eps(c["rms_norm_eps"])
+g.add_rope_freq_base(c.get("rope_theta", 10000.0))
+g.add_token_list([f"<t{{i}}>" for i in range(c["vocab_size"])])
+names = {{"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj":
+    "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj":
+    "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm"}}
+for name, x in w.items():
+    if name == "model.embed_tokens.weight": n = "token_embd.weight"
+    elif name == "model.norm.weight": n = "output_norm.weight"
+    elif name == "lm_head.weight": n = "output.weight"
+    else:
+        _, _, i, rest = name.split(".", 3)
+        n = f"blk.{{i}}.{{names[rest.removesuffix('.weight')]}}.weight"
+        if "q_proj" in rest: x = permute(x, h)
+        if "k_proj" in rest: x = permute(x, kv)
+    g.add_tensor(n, np.ascontiguousarray(x, np.float32))
+g.write_header_to_file(); g.write_kv_data_to_file(); g.write_tensors_to_file(); g.close()
+"""
+    _util.run_measured([sys.executable, "-c", code])
 
 
 def files_of(path: Path) -> list[Path]:
@@ -86,69 +141,92 @@ def resident_bytes(files: list[Path]) -> int | None:
 
 
 class Runner:
-    def __init__(self) -> None:
+    def __init__(self, warm: bool) -> None:
+        self.warm = warm
         self.evict_checked: list[int] = []
 
-    def cold(self, files: list[Path]) -> None:
+    def prepare(self, files: list[Path]) -> None:
+        """Warm: read the files once (into the page cache). Cold: evict them."""
+        if self.warm:
+            for f in files:
+                with f.open("rb") as fh:
+                    while fh.read(1 << 24):
+                        pass
+            return
         evict(files)
         left = resident_bytes(files)
         if left is not None:
             self.evict_checked.append(left)
 
     def raw(self, files: list[Path]) -> tuple[float, float | None]:
-        self.cold(files)
+        self.prepare(files)
         cmd = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, files)]
         wall, rss, _ = _util.run_measured(cmd)
         return wall, rss
 
-    def load(self, path: Path) -> tuple[float, float]:
-        self.cold(files_of(path))
-        _, rss, out = _util.run_measured([sys.executable, "-c", LOAD_CHILD, str(path)])
+    def child(
+        self, code: str, path: Path, env: dict[str, str] | None = None
+    ) -> tuple[float, float]:
+        self.prepare([path] if path.is_file() else files_of(path))
+        full_env = dict(os.environ, **env) if env else None
+        _, rss, out = _util.run_measured([sys.executable, "-c", code, str(path)], env=full_env)
         result = json.loads(out.strip().splitlines()[-1])
-        return result["load_s"], rss if rss is not None else result["self_rss_mb"]
+        return result["load_s"], rss if rss is not None else result.get("self_rss_mb", 0.0)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="alternated runs per measurement")
     p.add_argument("--layers", type=int, default=8, help="layers of the ~700 MB model")
-    p.add_argument("--small-layers", type=int, default=4, help="layers of the ~500 MB model")
+    p.add_argument("--page-cache", choices=("warm", "cold"), default="warm")
+    p.add_argument("--compare-src", default=None, help="an older tree's src dir to run beside")
     p.add_argument("--workdir", default=None, help="where to write the checkpoints (temp dir)")
     args = p.parse_args()
 
-    print(_util.header("checkpoint loading: time and peak host RSS"))
+    print(_util.header(f"checkpoint loading: time and peak host RSS, {args.page_cache} cache"))
     print(_util.versions())
-    runner = Runner()
+    runner = Runner(warm=args.page_cache == "warm")
     tmp = Path(tempfile.mkdtemp(prefix="mnnx-load-", dir=args.workdir))
     try:
         st = _util.make_random_mistral(tmp / "st", num_hidden_layers=args.layers)
-        small = _util.make_random_mistral(tmp / "st_small", num_hidden_layers=args.small_layers)
         orbax = tmp / "orbax"
         _util.run_measured([sys.executable, "-c", CONVERT_CHILD, str(st), str(orbax)])
+        gguf = tmp / "model-f32.gguf"
+        write_gguf_f32(st, gguf)
         st_files = [st / "model.safetensors"]
         orbax_files = files_of(orbax)
-        size = st_files[0].stat().st_size
-        small_size = (small / "model.safetensors").stat().st_size
+        size = st_files[0].stat().st_size  # the float32 parameter bytes (+ a small header)
         orbax_size = sum(f.stat().st_size for f in orbax_files)
         print(
-            f"checkpoints: safetensors {size / 1e6:.0f} MB ({args.layers} layers), orbax "
-            f"{orbax_size / 1e6:.0f} MB in {len(orbax_files)} files, small safetensors "
-            f"{small_size / 1e6:.0f} MB ({args.small_layers} layers); all float32",
+            f"checkpoints: safetensors {size / 1e6:.0f} MB ({args.layers} layers), GGUF F32 "
+            f"{gguf.stat().st_size / 1e6:.0f} MB, orbax {orbax_size / 1e6:.0f} MB in "
+            f"{len(orbax_files)} files; all float32",
             flush=True,
         )
-
-        measures = {
-            "raw read safetensors (cat)": lambda: runner.raw(st_files),
-            "load safetensors": lambda: runner.load(st),
-            "raw read orbax files (cat)": lambda: runner.raw(orbax_files),
-            "load orbax": lambda: runner.load(orbax),
-            "load safetensors, small": lambda: runner.load(small),
+        trees: dict[str, dict[str, str] | None] = {"": None}
+        if args.compare_src:
+            trees[f" (PYTHONPATH={args.compare_src})"] = {"PYTHONPATH": args.compare_src}
+        measures: dict[str, tuple[str, Callable[[], tuple[float, float | None]]]] = {
+            "raw read safetensors (cat)": ("st", lambda: runner.raw(st_files)),
+            "copy safetensors into fresh memory (numpy)": (
+                "st",
+                lambda: runner.child(COPY_CHILD, st_files[0]),
+            ),
+            "raw read GGUF (cat)": ("gguf", lambda: runner.raw([gguf])),
+            "raw read orbax files (cat)": ("orbax", lambda: runner.raw(orbax_files)),
         }
+        for suffix, env in trees.items():
+            for kind, path in (("st", st), ("gguf", gguf), ("orbax", orbax)):
+                label = {"st": "safetensors", "gguf": "GGUF F32", "orbax": "orbax"}[kind]
+                measures[f"load {label}{suffix}"] = (
+                    kind,
+                    lambda path=path, env=env: runner.child(LOAD_CHILD, path, env),
+                )
         samples: dict[str, list[tuple[float, float | None]]] = {k: [] for k in measures}
         names = list(measures)
         for r in range(args.repeats):
             for k in names if r % 2 == 0 else names[::-1]:
-                samples[k].append(measures[k]())
+                samples[k].append(measures[k][1]())
             print(f"  round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
         base = [
             _util.run_measured([sys.executable, "-c", BASELINE_CHILD]) for _ in range(args.repeats)
@@ -162,41 +240,56 @@ def main() -> None:
     def med(k: str, i: int) -> float:
         return _util.median([s[i] for s in samples[k] if s[i] is not None])  # type: ignore[misc]
 
-    raw_st, raw_orbax = med("raw read safetensors (cat)", 0), med("raw read orbax files (cat)", 0)
+    raw = {
+        "st": med("raw read safetensors (cat)", 0),
+        "gguf": med("raw read GGUF (cat)", 0),
+        "orbax": med("raw read orbax files (cat)", 0),
+    }
+    copy = med("copy safetensors into fresh memory (numpy)", 0)
     rows = []
     for k in names:
-        secs = med(k, 0)
-        model_size = small_size if k.endswith("small") else size  # float32 parameter bytes
-        raw = raw_orbax if "orbax" in k else raw_st
-        on_disk = orbax_size if "orbax" in k else model_size
-        rss = med(k, 1)
+        kind = measures[k][0]
+        secs, rss = med(k, 0), med(k, 1)
+        is_load = k.startswith("load")
         rows.append(
             [
-                f"{k} ({on_disk / 1e6:.0f} MB on disk)",
-                f"{secs:.2f}",
+                k,
+                f"{secs:.3f}",
                 f"{rss:.0f}",
-                f"{rss * 1e6 / model_size:.2f}" if k.startswith("load") else "",
-                f"{secs / raw:.2f}x"
-                if not k.endswith("small")
-                else f"{secs / raw_st * size / small_size:.2f}x (size-scaled)",
+                f"{rss * 1e6 / size:.2f}" if is_load else "",
+                f"{(rss - base_rss) * 1e6 / size:.2f}" if is_load else "",
+                f"{secs / raw[kind]:.2f}x",
+                f"{secs / copy:.2f}x" if kind == "st" or is_load else "",
             ]
         )
-    rows.append(["bare `import mistral_nnx, jax` process", "", f"{base_rss:.0f}", "", ""])
-    evicted = (
-        "page cache evicted before every run with posix_fadvise(DONTNEED); fincore "
-        f"found at most {max(runner.evict_checked) / 1e6:.0f} MB still cached"
-        if runner.evict_checked
-        else "page cache evicted with posix_fadvise(DONTNEED) (not verified: no fincore)"
-    )
+    rows.append(["bare `import mistral_nnx, jax` process", "", f"{base_rss:.0f}", "", "", "", ""])
+    if args.page_cache == "warm":
+        cache = "page cache warm: the files were read once right before every run"
+    elif runner.evict_checked:
+        cache = (
+            "page cache evicted before every run with posix_fadvise(DONTNEED); fincore "
+            f"found at most {max(runner.evict_checked) / 1e6:.0f} MB still cached"
+        )
+    else:
+        cache = "page cache evicted with posix_fadvise(DONTNEED) (not verified: no fincore)"
     rss_src = "/usr/bin/time -v" if _util.TIME_BIN.exists() else "the child's own ru_maxrss"
     print(
-        f"\n{evicted}. Peak RSS from {rss_src}, whole process (imports included; "
-        f"subtract the bare-import baseline for the loader's own share). Medians of "
-        f"{args.repeats} alternated runs. RSS / model size uses the float32 file size.\n"
+        f"\n{cache}. Peak RSS from {rss_src}, whole process (imports included); 'minus JAX' "
+        f"subtracts the bare-import baseline ({base_rss:.0f} MB). Model size = the float32 "
+        f"parameter bytes ({size / 1e6:.0f} MB). Medians of {args.repeats} alternated runs.\n"
     )
     print(
         _util.table(
-            ["measure", "seconds", "peak RSS MB", "RSS / model size", "time / raw read"], rows
+            [
+                "measure",
+                "seconds",
+                "peak RSS MB",
+                "RSS / model",
+                "RSS minus JAX / model",
+                "time / raw read",
+                "time / fresh copy",
+            ],
+            rows,
         )
     )
 

@@ -59,6 +59,7 @@ _TYPES: dict[int, tuple[str, int, int]] = {
 }
 SUPPORTED_TYPES = tuple(name for name, _, _ in _TYPES.values())
 _ROWS_PER_BLOCK = 128  # rows dequantised at a time: a few hundred KB of scratch, cache-resident
+_WINDOW_BYTES = 16 << 20  # bytes of the file mapped at a time
 
 # Per-layer tensors: GGUF name suffix -> Hugging Face name suffix.
 _LAYER_NAMES = {
@@ -377,25 +378,34 @@ def _read(
 ) -> np.ndarray:
     """Dequantise one tensor (HF shape `shape`) to float32, a block of rows at a time. With
     `transposed`, the matrix (each expert's matrix for 3-D) is written as [in, out] and its
-    [out, in] view returned."""
+    [out, in] view returned. The file is mapped a window of rows at a time, so that its pages
+    leave the resident set as the output fills (peak: the output plus one window)."""
     _, per_block, size = _TYPES[tensor.type]
     cols = shape[-1]
     rows = int(np.prod(shape[:-1], dtype=np.int64))
-    try:
-        raw = map_bytes(path, tensor.start, tensor.start + _nbytes(tensor)).reshape(rows, -1)
-    except (OSError, ValueError) as e:
-        raise MistralNNXError(f"{path}: cannot read tensor '{tensor.name}' ({e})") from None
+    row_bytes = _nbytes(tensor) // max(rows, 1)
+    step = _ROWS_PER_BLOCK
+    window = max(1, _WINDOW_BYTES // max(row_bytes * step, 1)) * step
+
+    def mapped(lo: int, hi: int) -> np.ndarray:  # the raw rows [lo, hi)
+        at = tensor.start + lo * row_bytes
+        return map_bytes(path, at, at + (hi - lo) * row_bytes).reshape(hi - lo, row_bytes)
+
     decode = _decoder(tensor.type)
     f32 = np.dtype(np.float32)
-    step = _ROWS_PER_BLOCK
     try:
         if not transposed:  # decoded straight into the output rows
             flat = aligned_empty((rows, cols), f32)
 
             def plain(start: int, stop: int) -> None:
-                for i in range(start, stop, step):
-                    end = min(i + step, stop)
-                    decode(raw[i:end].reshape(-1, size), flat[i:end].reshape(-1, per_block))
+                for w in range(start, stop, window):
+                    raw = mapped(w, min(w + window, stop))
+                    for i in range(w, min(w + window, stop), step):
+                        end = min(i + step, stop)
+                        decode(
+                            raw[i - w : end - w].reshape(-1, size),
+                            flat[i:end].reshape(-1, per_block),
+                        )
 
             in_halves(rows, plain, step)
             return flat.reshape(shape)
@@ -406,17 +416,26 @@ def _read(
 
             def matrix(start: int, stop: int, j: int = j) -> None:
                 scratch = np.empty((step * cols // per_block, per_block), f32)
-                for i in range(start, stop, step):
-                    end = min(i + step, stop)
-                    if order is None:
-                        block = raw[j * per + i : j * per + end]
-                    else:  # the q/k row reordering, applied to the (small) quantised rows
-                        block = raw[order[i:end]]
-                    values = scratch[: (end - i) * cols // per_block]
-                    decode(block.reshape(-1, size), values)
-                    out[j, :, i:end] = values.reshape(end - i, cols).T
+                whole = None if order is None else mapped(0, rows)  # q/k: small, rows reordered
+                for w in range(start, stop, window):
+                    raw = (
+                        mapped(j * per + w, j * per + min(w + window, stop))
+                        if whole is None
+                        else whole
+                    )
+                    for i in range(w, min(w + window, stop), step):
+                        end = min(i + step, stop)
+                        if order is None:
+                            block = raw[i - w : end - w]
+                        else:  # the q/k row reordering, applied to the quantised rows
+                            block = raw[order[i:end]]
+                        values = scratch[: (end - i) * cols // per_block]
+                        decode(block.reshape(-1, size), values)
+                        out[j, :, i:end] = values.reshape(end - i, cols).T
 
             in_halves(per, matrix, step)
+    except OSError as e:
+        raise MistralNNXError(f"{path}: cannot read tensor '{tensor.name}' ({e})") from None
     except Exception as e:
         raise MistralNNXError(
             f"{path}: cannot dequantize tensor '{tensor.name}' ({_type_name(tensor.type)}): {e}"
