@@ -85,23 +85,17 @@ def test_eager_call_is_refused() -> None:
         model(TOKENS)
 
 
-def peft_model(directory: Path, hf: Any, rank: int, alpha: float, seed: int = 0) -> Any:
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_model(
+    directory: Path, hf: Any, rank: int, alpha: float, seed: int = 0, targets: Any = None
+) -> Any:
     import peft
     import torch
 
     config = peft.LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets or PEFT_TARGETS
     )
     model = peft.get_peft_model(hf, config)
     gen = torch.Generator().manual_seed(seed)
@@ -139,3 +133,50 @@ def test_same_function_as_peft(tmp_path: Path) -> None:
     assert sorted(back) == sorted(theirs)
     for k, v in theirs.items():
         np.testing.assert_array_equal(back[k], v)
+
+
+def test_mixtral_attention_lora_same_function_as_peft(tmp_path: Path) -> None:
+    """Mixtral: adapters on the attention projections only (the default targets narrowed:
+    qwix's einsum LoRA over stacked experts would share one A across experts); B = 0 gives the
+    base logits, PEFT's adapters copied in give PEFT's logits; QLoRA on experts is refused."""
+    import torch
+    from test_mixtral import build_mixtral
+
+    hf = build_mixtral(tmp_path / "base", seed=2, sliding_window=None)
+    rank, alpha = 4, 12.0
+    base = mistral_nnx.load_model(tmp_path / "base", progress=False)
+    model = apply_lora(base, LoraConfig(rank=rank, alpha=alpha))
+    layers = range(base.config.num_layers)
+    assert sorted(lora_pairs(model)) == [f"layers/{i}/attn/w{x}" for i in layers for x in "koqv"]
+    ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 11))
+    tokens = jnp.asarray(ids, jnp.int32)
+    np.testing.assert_array_equal(logits(model, tokens), logits(base, tokens))
+    pm = peft_model(tmp_path / "base", hf, rank, alpha, targets=PEFT_TARGETS[:4])
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert count_params(model, nnx.LoRAParam) == trainable
+    theirs = {
+        k.replace(".default", ""): v.detach().numpy()
+        for k, v in pm.state_dict().items()
+        if "lora_" in k
+    }
+    set_peft_tensors(model, theirs, "peft")
+    with torch.no_grad():
+        want = pm(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(logits(model, tokens), want, atol=1e-4, rtol=1e-4)
+    assert np.abs(want - np.asarray(logits(base, tokens))).max() > 1e-2  # the adapters matter
+    # it trains (a few steps lower the loss) and the merged model is the same function
+    from mistral_nnx.train.lora import merge_lora
+    from mistral_nnx.train.step import OptimConfig, Trainer
+
+    trainer = Trainer(model, OptimConfig(steps=5, lr=1e-2, warmup=0, schedule="constant"))
+    batch = {"tokens": ids.astype(np.int32), "loss_mask": np.ones(ids.shape, bool)}
+    losses = [trainer.step(batch)["loss"] for _ in range(5)]
+    assert losses[-1] < losses[0]
+    trained = trainer.model
+    np.testing.assert_allclose(
+        logits(merge_lora(trained, alpha / rank), tokens), logits(trained, tokens), atol=1e-4
+    )
+    with pytest.raises(mistral_nnx.MistralNNXError, match="attention only"):
+        apply_lora(base, LoraConfig(targets=("gate", "up")))
+    with pytest.raises(mistral_nnx.MistralNNXError, match="QLoRA on mixture-of-experts"):
+        apply_lora(base, LoraConfig(quant="nf4", quant_block=16))
