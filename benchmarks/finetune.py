@@ -181,6 +181,37 @@ def cpu(args: argparse.Namespace) -> None:
     )
 
 
+def qlora_memory(args: argparse.Namespace) -> None:
+    """SmolLM2, LoRA r16 on a float32 base vs QLoRA (int8, int4, nf4 bases, blocks of 64): the
+    bytes of the frozen base and XLA's account of one compiled train step. Compile-time
+    figures only (no timing), so a busy machine does not change them."""
+    import jax
+
+    import mistral_nnx
+    from mistral_nnx.cli import default_model
+    from mistral_nnx.train.lora import LoraConfig, apply_lora
+    from mistral_nnx.train.step import OptimConfig, Trainer
+
+    source = default_model()
+    tokenizer = mistral_nnx.load_tokenizer(source)
+    data = batches(tokenizer, args.batch_size, args.seq_len, 1)
+    base = mistral_nnx.load_model(source, progress=False)
+    optim = OptimConfig(steps=1000, lr=1e-4, schedule="constant", clip=1.0)
+    print(header("finetune: LoRA vs QLoRA memory (SmolLM2, XLA's account of the step)"))
+    print(versions(["jax", "flax", "qwix"]))
+    rows = []
+    for quant in (None, "int8", "int4", "nf4"):
+        trainer = Trainer(apply_lora(base, LoraConfig(16, 32.0, quant=quant)), optim)
+        leaves = jax.tree.leaves(trainer.frozen)
+        # jax counts a 4-bit element as one byte (numpy's itemsize); XLA's figure is the real one
+        frozen = sum(x.size * jax.numpy.dtype(x.dtype).itemsize for x in leaves) / 1e9
+        rows.append(
+            [quant or "none (float32)", f"{frozen:.3f}", f"{step_memory(trainer, data[0]):.3f}"]
+        )
+        print(rows[-1], flush=True)
+    print(table(["base", "frozen GB (jax)", "step GB (XLA)"], rows))
+
+
 def accelerator(args: argparse.Namespace) -> None:
     """Mistral-7B shapes, random bf16 base weights made on the device, float32 LoRA r16."""
     import jax
@@ -201,9 +232,9 @@ def accelerator(args: argparse.Namespace) -> None:
     make = nnx.jit(
         lambda: mistral_nnx.Mistral(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     )
-    model = apply_lora(make(), LoraConfig(16, 32.0))
+    model = apply_lora(make(), LoraConfig(16, 32.0, quant=args.qlora))
     model.remat = args.remat
-    print(header("finetune: Mistral-7B shapes, LoRA r16, bf16 base"))
+    print(header(f"finetune: Mistral-7B shapes, LoRA r16, {args.qlora or 'bf16'} base"))
     print(f"trainable {count_params(model, nnx.LoRAParam):,}; devices {jax.devices()}")
     trainer = Trainer(model, OptimConfig(steps=1000, lr=1e-4, schedule="constant"))
     rng = np.random.default_rng(0)
@@ -242,8 +273,14 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=3, help="steps per framework per round")
     parser.add_argument("--remat", choices=["layer"], default=None)
     parser.add_argument("--tiny", action="store_true", help="mistral7b preset at toy size")
+    parser.add_argument("--qlora", choices=["nf4", "int4", "int8"], help="mistral7b: QLoRA base")
+    parser.add_argument(
+        "--qlora-memory", action="store_true", help="smollm2: LoRA vs QLoRA step memory only"
+    )
     args = parser.parse_args()
-    if args.preset == "smollm2":
+    if args.qlora_memory:
+        qlora_memory(args)
+    elif args.preset == "smollm2":
         cpu(args)
     else:
         accelerator(args)
