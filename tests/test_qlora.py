@@ -212,3 +212,31 @@ def test_cli_bad_qlora_one_line(
     assert main([*args, "-q", "--seq-len", "32", *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mistral-nnx: error: ") and message in err
+
+
+def test_resume_continues_exactly(cli_base: Path, tmp_path: Path) -> None:
+    """Checkpoints hold the adapters and optimizer only: the quantised base is rebuilt from the
+    base model on resume, and the loss sequence equals the uninterrupted run's."""
+    import dataclasses
+
+    from mistral_nnx.train.checkpoints import list_checkpoints
+    from mistral_nnx.train.loop import FinetuneConfig, finetune
+
+    data = write_jsonl(tmp_path / "train.jsonl", CHATS)
+    cfg = FinetuneConfig(
+        model=str(cli_base),
+        data=str(data),
+        out=str(tmp_path / "a"),
+        lora=LoraConfig(rank=4, alpha=8, quant="nf4", quant_block=16),
+        optim=OptimConfig(steps=4, lr=1e-2, warmup=0),
+        batch_size=2,
+        seq_len=32,
+        save_every=2,
+        progress=False,
+    )
+    full = finetune(cfg)
+    interrupted = dataclasses.replace(cfg, out=str(tmp_path / "b"))
+    finetune(interrupted, stop_after=3)
+    assert list_checkpoints(tmp_path / "b" / "checkpoints") == [2]
+    resumed = finetune(dataclasses.replace(interrupted, resume=True))
+    assert resumed.losses == full.losses and full.losses[-1] < full.losses[0]
