@@ -201,7 +201,16 @@ def _wait_for(server: str, running: int, waiting: int = 0, timeout: float = 60) 
             _metric(server, "mistral_nnx_requests_waiting"),
         )
     ) != (running, waiting):
-        assert time.time() < deadline, f"never {running} running, {waiting} waiting: {seen}"
+        if time.time() > deadline:
+            finished = [
+                x
+                for x in httpx.get(server + "/metrics").text.splitlines()
+                if "_requests_total" in x
+            ]
+            health = httpx.get(server + "/health").text
+            raise AssertionError(
+                f"never {running} running, {waiting} waiting: {seen}; {health}; {finished}"
+            )
         time.sleep(0.05)
 
 
@@ -229,7 +238,11 @@ def test_disconnect_frees_the_slot(server):
     _wait_idle(server)
     with httpx.Client(timeout=TIMEOUT) as http, _long_stream(server, http) as response:
         assert response.status_code == 200
-        next(response.iter_lines())
+        lines = response.iter_lines()
+        for line in lines:  # up to the first generated text: the request is decoding
+            if line.startswith("data: ") and '"content": ""' not in line and "role" not in line:
+                assert '"finish_reason": null' in line, line
+                break
         _wait_for(server, running=1)
     _wait_idle(server, timeout=10)
 
