@@ -221,8 +221,11 @@ class LlamaCpp:
         llm.reset()
         llm.eval(ids[0].tolist())
         tokens, stamps = [], []
+        vocab = llm.n_vocab()
         for _ in range(new):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # The last position's logits, straight from the context (eval keeps no copy).
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+            token = int(np.argmax(logits))
             stamps.append(time.perf_counter())
             tokens.append(token)
             if len(tokens) < new:
