@@ -34,7 +34,9 @@ lint: install-test
 typecheck: install-test
 	$(VENV)/bin/mypy src
 
+# Two workers, one test file each at a time (module fixtures such as the served model stay in
+# one process): most tests wait on single-threaded XLA compiles, so two overlap well on 2 cores.
 pytest: install-test
-	$(VENV)/bin/pytest tests --durations=25
+	$(VENV)/bin/pytest tests -n 2 --dist loadfile --durations=25
 
 test: lint typecheck pytest
