@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -76,7 +77,10 @@ async def _one(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) 
 
 async def _level(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
     limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as http:
+    # A new connection per request: a reused keep-alive connection that the server closes while
+    # idle ends the next request with "Server disconnected without sending a response".
+    no_keepalive = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=no_keepalive) as http:
 
         async def bounded(p: str) -> dict[str, Any]:
             async with limit:
@@ -151,7 +155,7 @@ def _start_ours(args: argparse.Namespace) -> tuple[str, subprocess.Popen[bytes]]
     command += ["--max-slots", str(args.max_slots), "--max-seq-len", str(args.max_seq_len)]
     if args.model:
         command += ["--model", args.model]
-    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env={**os.environ})
+    proc = subprocess.Popen(command, stderr=_log("mistral-nnx"), env={**os.environ})
     return f"http://127.0.0.1:{port}", proc
 
 
@@ -163,8 +167,17 @@ def _start_llama(args: argparse.Namespace) -> tuple[str, subprocess.Popen[bytes]
         "-np", str(args.max_slots), "-c", str(args.max_slots * args.max_seq_len),
         "-t", str(os.cpu_count()), "-tb", str(os.cpu_count()), "--jinja", "--no-webui",
     ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=_log("llama.cpp"))
     return f"http://127.0.0.1:{port}", proc
+
+
+LOGS: dict[str, Any] = {}
+
+
+def _log(name: str) -> Any:
+    """A temp file for a server's stderr; its tail is printed if the benchmark fails."""
+    LOGS[name] = tempfile.TemporaryFile()
+    return LOGS[name]
 
 
 def _print_rows(title: str, rows: list[dict[str, float]]) -> None:
@@ -209,8 +222,18 @@ def main() -> None:
             for c in args.levels:
                 for name in order if r % 2 == 0 else order[::-1]:
                     url = servers[name][0]
-                    results[name][c].append(asyncio.run(_level(url, prompts, c, args.max_tokens)))
+                    try:
+                        row = asyncio.run(_level(url, prompts, c, args.max_tokens))
+                    except httpx.HTTPError as e:
+                        raise RuntimeError(f"{name}, concurrency {c}: {e!r}") from e
+                    results[name][c].append(row)
         late = _metric(servers["mistral-nnx"][0], "mistral_nnx_compilations_after_warmup")
+    except BaseException:
+        for name, log in LOGS.items():
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-3000:]
+            print(f"--- {name} stderr (tail) ---\n{tail}", file=sys.stderr)
+        raise
     finally:
         for _, proc in servers.values():
             proc.send_signal(signal.SIGTERM)
