@@ -106,6 +106,15 @@ def peft_model(
     return model
 
 
+def peft_lora_tensors(pm: Any) -> dict[str, np.ndarray]:
+    """A PEFT model's adapter tensors under the names our export uses (no ".default")."""
+    return {
+        k.replace(".default", ""): v.detach().numpy()
+        for k, v in pm.state_dict().items()
+        if "lora_" in k
+    }
+
+
 def test_same_function_as_peft(tmp_path: Path) -> None:
     """PEFT adapters copied into ours: same logits, and our export reads back PEFT's tensors."""
     import torch
@@ -118,11 +127,7 @@ def test_same_function_as_peft(tmp_path: Path) -> None:
     base = mistral_nnx.load_model(tmp_path / "base", progress=False)
     model = apply_lora(base, LoraConfig(rank=rank, alpha=alpha))
     assert count_params(model, nnx.LoRAParam) == trainable
-    theirs = {
-        k.replace(".default", ""): v.detach().numpy()
-        for k, v in pm.state_dict().items()
-        if "lora_" in k
-    }
+    theirs = peft_lora_tensors(pm)
     set_peft_tensors(model, theirs, "peft")
     ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 11))
     with torch.no_grad():
@@ -154,11 +159,7 @@ def test_mixtral_attention_lora_same_function_as_peft(tmp_path: Path) -> None:
     pm = peft_model(tmp_path / "base", hf, rank, alpha, targets=PEFT_TARGETS[:4])
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     assert count_params(model, nnx.LoRAParam) == trainable
-    theirs = {
-        k.replace(".default", ""): v.detach().numpy()
-        for k, v in pm.state_dict().items()
-        if "lora_" in k
-    }
+    theirs = peft_lora_tensors(pm)
     set_peft_tensors(model, theirs, "peft")
     with torch.no_grad():
         want = pm(torch.tensor(ids)).logits.numpy()

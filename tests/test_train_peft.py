@@ -20,6 +20,7 @@ STEPS, LR, WD, CLIP, RANK, ALPHA = 20, 3e-3, 0.1, 1.0, 4, 16.0
 def test_twenty_steps_match_peft(tmp_path: Path) -> None:
     import peft
     import torch
+    from test_lora import peft_lora_tensors
 
     hf = write_model(tmp_path / "base", seed=11, sliding_window=8)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -28,11 +29,7 @@ def test_twenty_steps_match_peft(tmp_path: Path) -> None:
     model = apply_lora(
         mistral_nnx.load_model(tmp_path / "base", progress=False), LoraConfig(RANK, ALPHA)
     )
-    init = {
-        k.replace(".default", ""): v.detach().numpy()
-        for k, v in pm.state_dict().items()
-        if "lora_" in k
-    }
+    init = peft_lora_tensors(pm)
     set_peft_tensors(model, init, "peft init")  # A random, B = 0 on both sides
     optim = OptimConfig(steps=STEPS, lr=LR, schedule="constant", weight_decay=WD, clip=CLIP)
     trainer = Trainer(model, optim)
