@@ -366,9 +366,13 @@ class Mistral(nnx.Module):
             x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         x = self.norm(x)
         if self.config.tie_word_embeddings:
-            head = self.embed[...].astype(self.dtype).T
+            # The table is [vocab, embed]: contract over its last axis rather than matmul with
+            # its transpose, which XLA:CPU turns into a loop fusion 1.5x slower at batch 1
+            # (benchmarks/RESULTS.md section 10).
+            embed = self.embed[...].astype(self.dtype)
+            logits = jnp.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)
         else:
             head = self.lm_head[...].astype(self.dtype)
-        logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+            logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
         new_cache = None if cache is None else KVCache(tuple(new_layers))  # type: ignore[arg-type]
         return logits, new_cache
