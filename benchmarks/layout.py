@@ -7,13 +7,13 @@ A chain of SmolLM2-135M's 30 SwiGLU MLPs (hidden 576, intermediate 1536, float32
 program with the weights passed as arguments (as the model's are), at batch 1 and 8:
 
 * [in, out]: gate/up [576, 1536], down [1536, 576]; `h = silu(x @ g) * (x @ u); x + h @ d`
-  (this model's layout);
+  (this model's layout before the switch);
 * [out, in]: gate/up [1536, 576], down [576, 1536]; the same with einsum("bd,nd->bn")
-  (the layout of HF / GGUF files, torch's `F.linear`).
+  (the layout of HF / GGUF files, torch's `F.linear`, and this model's since).
 
 Both layouts give the same numbers (checked). Then the load-time side: turning the 90 matrices
 from the files' [out, in] into each layout from a read-only file map, the way the loader does
-(`names.transpose` for [in, out], a plain aligned copy for [out, in]).
+(a blocked transpose for [in, out], a plain aligned copy for [out, in]).
 Each measure is timed in rounds that alternate the variants (A B A B ...); medians reported.
 """
 
@@ -33,12 +33,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402
 
-from mistral_nnx.checkpoint.names import transpose  # noqa: E402
-from mistral_nnx.checkpoint.safetensors_io import map_bytes, owned  # noqa: E402
+from mistral_nnx.checkpoint.names import _transpose_into  # noqa: E402
+from mistral_nnx.checkpoint.safetensors_io import aligned_empty, map_bytes, owned  # noqa: E402
 
 LAYERS, HIDDEN, INTER = 30, 576, 1536
 
 Weights = list[tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def transpose(w: np.ndarray) -> np.ndarray:
+    """The loader's transpose of an [out, in] matrix into [in, out] before the switch to
+    [out, in] (blocked, on two threads)."""
+    out = aligned_empty(w.shape[::-1], w.dtype)
+    _transpose_into(out, w)
+    return out
 
 
 @jax.jit

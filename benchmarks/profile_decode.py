@@ -10,13 +10,14 @@ ms per decode step:
   checks included) on a cache of 128 slots with 32 filled (what generate() uses for a 32-token
   prompt + 64 new tokens).
 * engine, 1 step per call: the same function with steps=1, called from Python each step.
-* engine, wo as 2-D matmul: the model's output projection `einsum("bthe,hed->btd")` replaced
-  by `out.reshape(b, t, h*e) @ wo.reshape(h*e, d)` (a monkeypatch, compiled separately):
-  measures the weight transpose XLA inserts for the einsum every step.
+* engine, wo as 2-D matmul: the decode path of Attention.__call__ re-implemented (a
+  monkeypatch, compiled separately) with the output projection as one 2-D contraction over
+  wo [D, H*E], as the model does: a check that the model's step has no extra cost.
 * engine, N slots: the cache capacity raised (same 32 filled): attention and the cache
   transposes run over every slot, filled or not.
-* bare GEMV chain: a jitted chain of x @ W over exactly the model's weight matrices (2-D views)
-  plus the LM head and an argmax: the floor XLA reaches for the same bytes.
+* bare GEMV chain: a jitted chain of einsum("bd,nd->bn", x, W) over exactly the model's weight
+  matrices ([out, in] 2-D views) plus the LM head and an argmax: the floor XLA reaches for the
+  same bytes.
 * torch GEMV chain: the same chain with torch.nn.functional.linear (MKL), same thread count.
 * sample() alone / argmax alone: the engine's sampler on [B, vocab] logits.
 
@@ -62,16 +63,16 @@ def patched_attention_call(
     from mistral_nnx import model as M
 
     dt = self.dtype
-    q = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
+    q = jnp.einsum("btd,hed->bthe", x, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,ked->btke", x, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,ked->btke", x, self.wv[...].astype(dt))
     q, k = M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
     assert cache is not None and cache.can_write_before_read(x.shape[1])
     cache = cache.write(k, v, positions, valid)
     out = M.attend(q, cache.k.astype(dt), cache.v.astype(dt), positions, cache.pos, self.window)
     b, t, h, e = out.shape
     wo = self.wo[...].astype(dt)
-    return out.reshape(b, t, h * e) @ wo.reshape(h * e, wo.shape[-1]), cache
+    return jnp.einsum("btf,df->btd", out.reshape(b, t, h * e), wo.reshape(wo.shape[0], -1)), cache
 
 
 class DecodeBench:
@@ -204,26 +205,28 @@ def gemv_chains(
     for layer in model.layers:
         a, m = layer.attn, layer.mlp
         d = config.hidden_size
-        mats += [
-            a.wq[...].reshape(d, -1),
-            a.wk[...].reshape(d, -1),
-            a.wv[...].reshape(d, -1),
-            a.wo[...].reshape(-1, d),
+        mats += [  # [out, in]
+            a.wq[...].reshape(-1, d),
+            a.wk[...].reshape(-1, d),
+            a.wv[...].reshape(-1, d),
+            a.wo[...].reshape(d, -1),
             m.gate[...],
             m.up[...],
             m.down[...],
         ]
     tied = config.tie_word_embeddings
-    head = model.embed[...] if tied else model.lm_head[...]  # tied: [V, D]; else [D, V]
+    head = model.embed[...] if tied else model.lm_head[...]  # [V, D]
+
+    def lin(x: Any, w: Any) -> Any:
+        return jnp.einsum("bd,nd->bn", x, w)
 
     def chain(x: Any, mats: list[Any], head: Any) -> Any:
         for i in range(0, len(mats), 7):
             wq, wk, wv, wo, g, u, dn = mats[i : i + 7]
-            a = x @ wq + jnp.mean(x @ wk) + jnp.mean(x @ wv)
-            x = x + jnp.tanh(a) @ wo
-            x = x + (jax.nn.silu(x @ g) * (x @ u)) @ dn
-        logits = x @ head.T if tied else x @ head
-        return jnp.argmax(logits, axis=-1)
+            a = lin(x, wq) + jnp.mean(lin(x, wk)) + jnp.mean(lin(x, wv))
+            x = x + lin(jnp.tanh(a), wo)
+            x = x + lin(jax.nn.silu(lin(x, g)) * lin(x, u), dn)
+        return jnp.argmax(lin(x, head), axis=-1)
 
     jchain = jax.jit(chain)
     x = jnp.ones((batch, config.hidden_size), jnp.float32) * 0.01
@@ -239,8 +242,8 @@ def gemv_chains(
     except ImportError:
         return run_xla, None
     torch.set_num_threads(threads)
-    tm = [torch.from_numpy(np.ascontiguousarray(np.asarray(w).T)) for w in mats]  # [out, in]
-    th = torch.from_numpy(np.ascontiguousarray(np.asarray(head) if tied else np.asarray(head).T))
+    tm = [torch.from_numpy(np.ascontiguousarray(np.asarray(w))) for w in mats]  # [out, in]
+    th = torch.from_numpy(np.ascontiguousarray(np.asarray(head)))
     tx = torch.from_numpy(np.asarray(x))
     F = torch.nn.functional
 

@@ -220,6 +220,49 @@ def test_orbax_round_trip_is_exact(hf_checkpoints, tmp_path):
     assert bf16.embed[...].dtype == jnp.bfloat16
 
 
+def _write_v1(model: mn.Mistral, path: Path) -> None:
+    """`model` as FORMAT_VERSION 1 wrote it: the dense projections [in..., out...]
+    (wq [D, H, E], wo [H, E, D], gate / up / down / lm_head transposed)."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    old_axes = {"wq": (2, 0, 1), "wk": (2, 0, 1), "wv": (2, 0, 1), "wo": (1, 2, 0)}
+    state: dict = {}
+    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = np.asarray(var[...])
+        if key[-1] in old_axes:
+            value = value.transpose(old_axes[key[-1]])
+        elif value.ndim == 2 and key != ("embed",):
+            value = value.T
+        node = state
+        for part in key[:-1]:
+            node = node.setdefault(str(part), {})
+        node[str(key[-1])] = np.ascontiguousarray(value)
+    path.mkdir()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.absolute() / "state", state)
+        ckptr.wait_until_finished()
+    marker = {"format": "mistral_nnx", "version": 1, "config": model.config.to_dict()}
+    (path / orbax_io.MARKER).write_text(json.dumps(marker))
+
+
+def test_orbax_version_1_is_transposed_on_restore(hf_checkpoints, tmp_path):
+    """A checkpoint this project wrote before the switch to [out, in] weights (format version 1)
+    loads into the same model, on one device and onto a mesh; a later version is refused."""
+    directory, _ = hf_checkpoints["llama"]  # untied: lm_head too
+    model = mn.load_model(directory, progress=False)
+    _write_v1(model, tmp_path / "v1")
+    again = mn.load_model(tmp_path / "v1", progress=False)
+    assert np.array_equal(_logits(again), _logits(model))
+    mesh = mn.make_mesh("data=1,model=1")
+    sharded = mn.load_model(tmp_path / "v1", mesh=mesh, progress=False)
+    assert np.array_equal(_logits(sharded), _logits(model))
+    marker = tmp_path / "v1" / orbax_io.MARKER
+    marker.write_text(marker.read_text().replace('"version": 1', '"version": 3'))
+    with pytest.raises(MistralNNXError, match="format version 3 is not supported"):
+        mn.load_model(tmp_path / "v1")
+
+
 def test_orbax_write_is_atomic(hf_checkpoints, tmp_path, monkeypatch):
     directory, _ = hf_checkpoints["llama"]
     model = mn.load_model(directory, progress=False)

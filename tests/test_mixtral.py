@@ -92,7 +92,7 @@ def test_logits_match_transformers(mixtral, name):
     assert model.config.num_experts == 4 and model.config.num_experts_per_tok == 2
     assert model.layers[0].mlp.gate[...].shape == (4, 64, 96)  # stacked [E, D, M]
     assert model.layers[0].mlp.down[...].shape == (4, 96, 64)
-    assert model.layers[0].mlp.router[...].shape == (64, 4)
+    assert model.layers[0].mlp.router[...].shape == (4, 64)  # [E, D]
     # 5 x 64 = 320 tokens: the dense path runs in chunks of 256 (the last one padded).
     tokens = _tokens(batch=5 if name == "nowindow" else 2)
     out = np.asarray(model(jnp.asarray(tokens)))

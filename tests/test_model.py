@@ -125,9 +125,9 @@ def test_every_parameter_has_logical_axes():
         assert len(axes) == var.get_value().ndim, path
         assert set(axes) <= known, path
     assert model.layers[0].attn.wq.get_metadata()["logical_axes"] == (
-        "embed",
         "q_heads",
         "head_dim",
+        "embed",
     )
 
 

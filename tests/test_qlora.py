@@ -66,8 +66,9 @@ def projections(model: mistral_nnx.Mistral) -> list[tuple[Any, str]]:
 
 
 def compute_layout(w: np.ndarray, name: str) -> np.ndarray:
-    """The layout the model multiplies with: wo [h, e, d] as [h*e, d]."""
-    return w.reshape(-1, w.shape[-1]) if name == "wo" else w
+    """A weight [out..., in...] as [in, out], the layout `quantise` takes (wo [d, h, e] is
+    multiplied as [d, h*e])."""
+    return (w.reshape(w.shape[0], -1) if name == "wo" else w.reshape(-1, w.shape[-1])).T
 
 
 def reference(base: mistral_nnx.Mistral, qtype: str, qlora: Any = None) -> mistral_nnx.Mistral:
@@ -83,15 +84,17 @@ def reference(base: mistral_nnx.Mistral, qtype: str, qlora: Any = None) -> mistr
         codes, scales = quantise(w, qtype)
         if qlora is not None:
             kept = np.asarray(getattr(qmodule, name).array.qvalue[...]).astype(np.int64)
+            kept = compute_layout(kept, name)
             differ = kept != codes
             if qtype == "nf4":
                 assert not differ.any()
-            else:  # only at a block's absmax element (w / scale = +-(qmax + 0.5)), by one
-                absmax = np.abs(w.reshape(scales.shape[0], BLOCK, -1)).max(1)
-                at_max = np.abs(w) == np.repeat(absmax, BLOCK, axis=0).reshape(w.shape)
-                assert (at_max | ~differ).all() and (np.abs(kept - codes) <= 1).all()
+            else:  # only at rounding ties (w / scale = k + 0.5: at every block's absmax
+                # element, +-(qmax + 0.5), and wherever else random weights land on one), by one
+                ratio = (w.reshape(scales.shape[0], BLOCK, -1) / scales).reshape(w.shape)
+                tie = np.abs(np.abs(ratio) % 1 - 0.5) < 1e-4
+                assert (tie | ~differ).all() and (np.abs(kept - codes) <= 1).all()
             codes = kept
-        var.set_value(jnp.asarray(dequantise(codes, scales, qtype).reshape(var[...].shape)))
+        var.set_value(jnp.asarray(dequantise(codes, scales, qtype).T.reshape(var[...].shape)))
     return model
 
 

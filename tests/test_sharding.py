@@ -201,12 +201,12 @@ def test_partition_specs_follow_the_preset(checks):
     params = checks["runs"]["kv8 data=2,model=4 tp+fsdp"]["params"]
     expected = {
         "embed": ["model", "data"],
-        "lm_head": ["data", "model"],
-        "layers.0.attn.wq": ["data", "model", None],
-        "layers.0.attn.wk": ["data", "model", None],
-        "layers.0.attn.wo": ["model", None, "data"],
-        "layers.0.mlp.up": ["data", "model"],
-        "layers.0.mlp.down": ["model", "data"],
+        "lm_head": ["model", "data"],
+        "layers.0.attn.wq": ["model", None, "data"],
+        "layers.0.attn.wk": ["model", None, "data"],
+        "layers.0.attn.wo": ["data", "model", None],
+        "layers.0.mlp.up": ["model", "data"],
+        "layers.0.mlp.down": ["data", "model"],
         "layers.0.attn_norm.weight": ["data"],
     }
     for name, spec in expected.items():
@@ -229,8 +229,8 @@ def test_kv_cache_sharded_over_kv_heads_or_replicated(checks):
     # 2 kv heads on model=4: cache and wk/wv replicated over model, no error, same tokens.
     kv2 = runs["kv2 data=2,model=4 tp+fsdp"]
     assert kv2["cache_k"] == ["data", None, None, None]
-    assert kv2["params"]["layers.0.attn.wk"]["spec"] == ["data", None, None]
-    assert kv2["params"]["layers.0.attn.wq"]["spec"] == ["data", "model", None]
+    assert kv2["params"]["layers.0.attn.wk"]["spec"] == [None, None, "data"]
+    assert kv2["params"]["layers.0.attn.wq"]["spec"] == ["model", None, "data"]
     assert kv2["same_tokens"] and kv2["logits_diff"] < 1e-5
 
 

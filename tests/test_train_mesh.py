@@ -36,7 +36,7 @@ def test_fsdp_and_tp_fsdp_train_like_one_device(tmp_path: Path) -> None:
     # LoRA starts from the same model (B = 0), then learns
     assert lora["losses"][0] == pytest.approx(one["losses"][0], rel=1e-5)
     assert lora["losses"][-1] < lora["losses"][0]
-    # mlp.up [64, 128]: embed over data=2 (both presets), mlp over model=2 (tp+fsdp only)
+    # mlp.up [128, 64]: embed over data=2 (both presets), mlp over model=2 (tp+fsdp only)
     assert tp_fsdp["weight_shards"] == lora["weight_shards"] == 4
-    assert tp_fsdp["weight_shard_shape"] == tp_fsdp["moment_shard_shape"] == [32, 64]
-    assert lora["weight_shard_shape"] == [32, 128]
+    assert tp_fsdp["weight_shard_shape"] == tp_fsdp["moment_shard_shape"] == [64, 32]
+    assert lora["weight_shard_shape"] == [128, 32]

@@ -3,6 +3,13 @@
 Shapes: B batch, T new tokens, S keys, D embed, H query heads, K kv heads, G = H // K,
 E head_dim, M mlp, V vocab. Every parameter carries logical axis names (metadata
 `logical_axes`) that sharding rules map onto a device mesh; head_dim is never sharded.
+
+Projection weights are stored [out, in], the layout of HF, Mistral-native and GGUF files:
+wq [H, E, D], wk / wv [K, E, D], wo [D, H, E], gate / up [M, D], down [D, M], lm_head [V, D]
+(the mixture-of-experts stacks in moe.py keep [in, out]). Measured against [in, out] on an Intel
+Xeon (benchmarks/layout.py, benchmarks/RESULTS.md section 7): a chain of the projections runs in
+0.94-0.95x the time at batch 1 and ~0.85x at batch 8, and loading is a plain copy instead of a
+transpose (0.32x the load time).
 """
 
 from __future__ import annotations
@@ -42,6 +49,12 @@ def _param(
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] times a weight w [out, in]: x @ w.T as one dot_general (which qwix's LoRA
+    intercepts, like jnp.dot; a transposed view of the weight it could not trace back)."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype: Dtype, rngs: nnx.Rngs | None) -> None:
         self.eps = eps
@@ -69,10 +82,11 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs | None,
     ) -> None:
         d, h, k, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.wq = _param(rngs, (d, h, e), ("embed", "q_heads", "head_dim"), param_dtype, d)
-        self.wk = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), param_dtype, d)
-        self.wv = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), param_dtype, d)
-        self.wo = _param(rngs, (h, e, d), ("q_heads", "head_dim", "embed"), param_dtype, h * e)
+        self.wq = _param(rngs, (h, e, d), ("q_heads", "head_dim", "embed"), param_dtype, d)
+        self.wk = _param(rngs, (k, e, d), ("kv_heads", "head_dim", "embed"), param_dtype, d)
+        self.wv = _param(rngs, (k, e, d), ("kv_heads", "head_dim", "embed"), param_dtype, d)
+        self.wo = _param(rngs, (d, h, e), ("embed", "q_heads", "head_dim"), param_dtype, h * e)
+        self.head_dim = e
         self.window = window
         self.dtype = dtype
         # Ministral 3: queries scaled after RoPE by their absolute position (None: no scaling).
@@ -91,9 +105,14 @@ class Attention(nnx.Module):
         cache: LayerKV | None,
     ) -> tuple[jax.Array, LayerKV | None]:
         dt = self.dtype
-        q = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
+        b, t, d = x.shape
+
+        def project(w: jax.Array) -> jax.Array:  # [n, e, d] used as [n*e, d]
+            return linear(x, w.astype(dt).reshape(-1, d)).reshape(b, t, -1, self.head_dim)
+
+        # 2-D contractions: an einsum with the weight's (n, e) as output axes makes XLA:CPU
+        # transpose the weight in every layer at every step.
+        q, k, v = project(self.wq[...]), project(self.wk[...]), project(self.wv[...])
         q = apply_rope(q, cos, sin)
         if self.llama4 is not None:
             q = q * llama4_query_scale(positions, *self.llama4).astype(dt)
@@ -130,10 +149,9 @@ class Attention(nnx.Module):
             general = functools.partial(attend, q, keys, values, positions, key_pos, window)
         out = attend_chunk(q, k_self, v_self, positions, valid, window, general, alone)
 
-        # One matmul over (heads x head_dim): the equivalent einsum makes XLA's CPU backend
-        # copy wo in every layer at every step.
-        b, t, h, e = out.shape
-        out = jnp.dot(out.reshape(b, t, h * e), self.wo[...].astype(dt).reshape(h * e, -1))
+        # Likewise one 2-D contraction over (heads x head_dim), wo [D, H, E] read as [D, H*E].
+        h, e = out.shape[2:]
+        out = linear(out.reshape(b, t, h * e), self.wo[...].astype(dt).reshape(d, h * e))
         return out, cache
 
 
@@ -210,18 +228,17 @@ class MLP(nnx.Module):
         self, config: MistralConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs | None
     ) -> None:
         d, m = config.hidden_size, config.intermediate_size
-        self.gate = _param(rngs, (d, m), ("embed", "mlp"), param_dtype, d)
-        self.up = _param(rngs, (d, m), ("embed", "mlp"), param_dtype, d)
-        self.down = _param(rngs, (m, d), ("mlp", "embed"), param_dtype, m)
+        self.gate = _param(rngs, (m, d), ("mlp", "embed"), param_dtype, d)
+        self.up = _param(rngs, (m, d), ("mlp", "embed"), param_dtype, d)
+        self.down = _param(rngs, (d, m), ("embed", "mlp"), param_dtype, m)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        # jnp.dot, not `@`: qwix (LoRA) intercepts jnp.dot / jnp.einsum, not jnp.matmul.
-        gate = jnp.dot(x, self.gate[...].astype(dt))
-        up = jnp.dot(x, self.up[...].astype(dt))
+        gate = linear(x, self.gate[...].astype(dt))
+        up = linear(x, self.up[...].astype(dt))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
-        return jnp.dot(hidden, self.down[...].astype(dt))
+        return linear(hidden, self.down[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
@@ -311,7 +328,7 @@ class Mistral(nnx.Module):
         )
         self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = _param(rngs, (d, config.vocab_size), ("embed", "vocab"), param_dtype, d)
+            self.lm_head = _param(rngs, (config.vocab_size, d), ("vocab", "embed"), param_dtype, d)
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, valid: jax.Array | None = None
@@ -365,14 +382,12 @@ class Mistral(nnx.Module):
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         x = self.norm(x)
-        if self.config.tie_word_embeddings:
-            # The table is [vocab, embed]: contract over its last axis rather than matmul with
-            # its transpose, which XLA:CPU turns into a loop fusion 1.5x slower at batch 1
-            # (benchmarks/RESULTS.md section 10).
-            embed = self.embed[...].astype(self.dtype)
-            logits = jnp.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)
-        else:
-            head = self.lm_head[...].astype(self.dtype)
-            logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+        # Either head is [vocab, embed]: contract over its last axis rather than matmul with its
+        # transpose, which XLA:CPU turns into a loop fusion 1.5x slower at batch 1
+        # (benchmarks/RESULTS.md section 10).
+        head = self.embed if self.config.tie_word_embeddings else self.lm_head
+        logits = jnp.einsum(
+            "...d,vd->...v", x, head[...].astype(self.dtype), preferred_element_type=jnp.float32
+        )
         new_cache = None if cache is None else KVCache(tuple(new_layers))  # type: ignore[arg-type]
         return logits, new_cache

@@ -40,7 +40,8 @@ def _param(
 
 
 class MoE(nnx.Module):
-    """router [D, E]; gate, up [E, D, M]; down [E, M, D]."""
+    """router [E, D] ([out, in], as the dense projections); gate, up [E, D, M]; down [E, M, D]
+    (stacked experts kept [in, out]: their einsums are laid out for it)."""
 
     def __init__(
         self,
@@ -54,7 +55,7 @@ class MoE(nnx.Module):
         rngs: nnx.Rngs | None,
     ) -> None:
         d, m, e = hidden, intermediate, num_experts
-        self.router = _param(rngs, (d, e), ("embed", "expert"), param_dtype, d)
+        self.router = _param(rngs, (e, d), ("expert", "embed"), param_dtype, d)
         self.gate = _param(rngs, (e, d, m), ("expert", "embed", "mlp"), param_dtype, d)
         self.up = _param(rngs, (e, d, m), ("expert", "embed", "mlp"), param_dtype, d)
         self.down = _param(rngs, (e, m, d), ("expert", "mlp", "embed"), param_dtype, m)
@@ -63,7 +64,8 @@ class MoE(nnx.Module):
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [N, D] -> (weights [N, k] float32 summing to 1, expert indices [N, k])."""
-        logits = jnp.matmul(
+        logits = jnp.einsum(
+            "nd,ed->ne",
             x.astype(jnp.float32),
             self.router[...].astype(jnp.float32),
             preferred_element_type=jnp.float32,

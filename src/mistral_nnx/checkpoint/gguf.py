@@ -15,10 +15,11 @@ Two details of the llama.cpp format matter here:
 
 The header is parsed by ``gguf_metadata`` (shared with the tokenizer, parsed once per file).
 Tensor bytes are memory-mapped one tensor at a time and dequantised here with numpy, a block of
-rows at a time: matrices are written straight into this model's ``[in, out]`` layout (the q/k
-reordering applied to the quantised rows first), and handed over as the ``[out, in]`` view of
-that buffer, which the loader's transpose recognises and keeps. One pass over the output, no
-float32 intermediate of the whole tensor. K-quants are decoded with gguf-py's ``gguf.quants``,
+rows at a time, straight into the output rows (the q/k reordering applied to the quantised rows
+first): matrices stay ``[out, in]``, this model's layout too. Stacked experts are written as
+``[E, in, out]`` (the layout of moe.py) and handed over as the ``[E, out, in]`` view of that
+buffer, which the loader's swap_last recognises and keeps. One pass over the output, no float32
+intermediate of the whole tensor. K-quants are decoded with gguf-py's ``gguf.quants``,
 imported only when a file has them (importing ``gguf`` costs ~0.4 s of a cold start).
 """
 
@@ -156,8 +157,8 @@ def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, 
     """Yield ``(hf_name, float32 array)`` for every weight, dequantising one tensor at a time.
 
     All tensors are checked (present, expected shape, supported type, no extras) before the
-    first is yielded. Every array is writable and owned; matrices (all but the embedding) come
-    as the ``[out, in]`` transposed view of a contiguous ``[in, out]`` buffer.
+    first is yielded. Every array is writable and owned; stacked experts come as the
+    ``[E, out, in]`` view of a contiguous ``[E, in, out]`` buffer, everything else contiguous.
     ``lm_head.weight`` is yielded only when ``config.tie_word_embeddings`` is false.
     """
     path = Path(path)
@@ -197,8 +198,7 @@ def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, 
             order = _rope_row_order(shape[0], config.num_heads)
         elif gguf_name.endswith(".attn_k.weight"):
             order = _rope_row_order(shape[0], config.num_kv_heads)
-        transposed = len(shape) > 1 and gguf_name != "token_embd.weight"
-        yield hf_name, _read(by_name[gguf_name], shape, path, transposed, order)
+        yield hf_name, _read(by_name[gguf_name], shape, path, order)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -373,13 +373,13 @@ def _read(
     tensor: GGUFTensorInfo,
     shape: tuple[int, ...],
     path: Path,
-    transposed: bool,
     order: np.ndarray | None,
 ) -> np.ndarray:
-    """Dequantise one tensor (HF shape `shape`) to float32, a block of rows at a time. With
-    `transposed`, the matrix (each expert's matrix for 3-D) is written as [in, out] and its
-    [out, in] view returned. The file is mapped a window of rows at a time, so that its pages
-    leave the resident set as the output fills (peak: the output plus one window)."""
+    """Dequantise one tensor (HF shape `shape`) to float32, a block of rows at a time, with its
+    rows taken in `order` (q/k). Stacked experts [E, out, in] are written as [E, in, out] and
+    that buffer's [E, out, in] view returned. The file is mapped a window of rows at a time, so
+    that its pages leave the resident set as the output fills (peak: the output plus one
+    window)."""
     _, per_block, size = _TYPES[tensor.type]
     cols = shape[-1]
     rows = int(np.prod(shape[:-1], dtype=np.int64))
@@ -394,43 +394,36 @@ def _read(
     decode = _decoder(tensor.type)
     f32 = np.dtype(np.float32)
     try:
-        if not transposed:  # decoded straight into the output rows
+        if len(shape) < 3:  # decoded straight into the output rows
             flat = aligned_empty((rows, cols), f32)
 
             def plain(start: int, stop: int) -> None:
-                for w in range(start, stop, window):
-                    raw = mapped(w, min(w + window, stop))
-                    for i in range(w, min(w + window, stop), step):
-                        end = min(i + step, stop)
-                        decode(
-                            raw[i - w : end - w].reshape(-1, size),
-                            flat[i:end].reshape(-1, per_block),
-                        )
-
-            in_halves(rows, plain, step)
-            return flat.reshape(shape)
-        experts = 1 if len(shape) == 2 else shape[0]
-        per = rows // experts  # rows of one matrix
-        out = aligned_empty((experts, cols, per), f32)
-        for j in range(experts):
-
-            def matrix(start: int, stop: int, j: int = j) -> None:
-                scratch = np.empty((step * cols // per_block, per_block), f32)
                 whole = None if order is None else mapped(0, rows)  # q/k: small, rows reordered
                 for w in range(start, stop, window):
-                    raw = (
-                        mapped(j * per + w, j * per + min(w + window, stop))
-                        if whole is None
-                        else whole
-                    )
+                    raw = mapped(w, min(w + window, stop)) if whole is None else whole
                     for i in range(w, min(w + window, stop), step):
                         end = min(i + step, stop)
                         if order is None:
                             block = raw[i - w : end - w]
                         else:  # the q/k row reordering, applied to the quantised rows
                             block = raw[order[i:end]]
+                        decode(block.reshape(-1, size), flat[i:end].reshape(-1, per_block))
+
+            in_halves(rows, plain, step)
+            return flat.reshape(shape)
+        experts = shape[0]
+        per = rows // experts  # rows of one expert's matrix
+        out = aligned_empty((experts, cols, per), f32)
+        for j in range(experts):
+
+            def matrix(start: int, stop: int, j: int = j) -> None:
+                scratch = np.empty((step * cols // per_block, per_block), f32)
+                for w in range(start, stop, window):
+                    raw = mapped(j * per + w, j * per + min(w + window, stop))
+                    for i in range(w, min(w + window, stop), step):
+                        end = min(i + step, stop)
                         values = scratch[: (end - i) * cols // per_block]
-                        decode(block.reshape(-1, size), values)
+                        decode(raw[i - w : end - w].reshape(-1, size), values)
                         out[j, :, i:end] = values.reshape(end - i, cols).T
 
             in_halves(per, matrix, step)
@@ -440,7 +433,7 @@ def _read(
         raise MistralNNXError(
             f"{path}: cannot dequantize tensor '{tensor.name}' ({_type_name(tensor.type)}): {e}"
         ) from None
-    return out[0].T if len(shape) == 2 else out.swapaxes(1, 2)
+    return out.swapaxes(1, 2)
 
 
 # ---- dequantisation: raw blocks [n, bytes] uint8 -> out [n, values] float32 -------------------

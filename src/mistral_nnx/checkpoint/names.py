@@ -1,7 +1,8 @@
 """Declarative name maps: checkpoint tensor names -> model state paths + a transform.
 
 Every format is first expressed in Hugging Face names and HF torch layout ([out, in] linear
-weights, half-rotation q/k rows); one table then maps HF names onto this model's layout.
+weights, half-rotation q/k rows); one table then maps HF names onto this model's layout, which
+keeps [out, in] (a copy or reshape; only the stacked experts are transposed).
 
 Mixture-of-experts weights reach the table stacked, as transformers 5 holds them in memory:
 `model.layers.N.mlp.experts.{gate_proj,up_proj}` [E, M, D] and `...down_proj` [E, D, M].
@@ -36,14 +37,11 @@ def hf_table(
     def layer(*rest: str) -> Callable[[re.Match[str]], Path_]:
         return lambda m: ("layers", int(m.group(1)), *rest)
 
-    def heads_in(n: int) -> Transform:  # [n*e, d] -> [d, n, e]
-        return lambda w: transpose(w, dtype).reshape(d, n, e)
+    def heads_out(n: int) -> Transform:  # [n*e, d] -> [n, e, d]
+        return lambda w: owned(w, dtype).reshape(n, e, d)
 
     def identity(w: np.ndarray) -> np.ndarray:
         return owned(w, dtype)
-
-    def matrix(w: np.ndarray) -> np.ndarray:
-        return transpose(w, dtype)
 
     def experts(w: np.ndarray) -> np.ndarray:
         return swap_last(w, dtype)
@@ -51,22 +49,22 @@ def hf_table(
     rows: list[tuple[str, Callable[[re.Match[str]], Path_], Transform]] = [
         (r"model\.embed_tokens\.weight", lambda m: ("embed",), identity),
         (r"model\.norm\.weight", lambda m: ("norm", "weight"), identity),
-        (r"lm_head\.weight", lambda m: ("lm_head",), matrix),
-        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", layer("attn", "wq"), heads_in(h)),
-        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", layer("attn", "wk"), heads_in(k)),
-        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", layer("attn", "wv"), heads_in(k)),
+        (r"lm_head\.weight", lambda m: ("lm_head",), identity),
+        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", layer("attn", "wq"), heads_out(h)),
+        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", layer("attn", "wk"), heads_out(k)),
+        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", layer("attn", "wv"), heads_out(k)),
         (
             r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight",
             layer("attn", "wo"),
-            lambda w: transpose(w, dtype).reshape(h, e, d),
+            lambda w: owned(w, dtype).reshape(d, h, e),
         ),
-        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", layer("mlp", "gate"), matrix),
-        (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", layer("mlp", "up"), matrix),
-        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", layer("mlp", "down"), matrix),
+        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", layer("mlp", "gate"), identity),
+        (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", layer("mlp", "up"), identity),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", layer("mlp", "down"), identity),
         (
             r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight",
             layer("mlp", "router"),
-            matrix,
+            identity,
         ),
         (r"model\.layers\.(\d+)\.mlp\.experts\.gate_proj", layer("mlp", "gate"), experts),
         (r"model\.layers\.(\d+)\.mlp\.experts\.up_proj", layer("mlp", "up"), experts),
@@ -81,21 +79,10 @@ def hf_table(
     return [(re.compile(pattern), path, fn) for pattern, path, fn in rows]
 
 
-def transpose(w: np.ndarray, dtype: np.dtype | None = None, block: int = 128) -> np.ndarray:
-    """A contiguous transpose of a matrix in `dtype`, copied in row blocks with the cast fused:
-    numpy's plain strided copy of a large transposed view is cache-hostile (3x slower on a
-    32768 x 1024 matrix). A reader that already wrote the matrix transposed hands over the
-    transposed view of an array it owns (see gguf.py): that array is returned as is."""
-    dtype = w.dtype if dtype is None else np.dtype(dtype)
-    t = w.T
-    if t.flags.c_contiguous and t.flags.writeable and t.dtype == dtype and is_aligned(t):
-        return t
-    out = aligned_empty(w.shape[::-1], dtype)
-    _transpose_into(out, w, block)
-    return out
-
-
 def _transpose_into(out: np.ndarray, w: np.ndarray, block: int = 128) -> None:
+    """out[:] = w.T, copied in row blocks with the cast fused: numpy's plain strided copy of a
+    large transposed view is cache-hostile (3x slower on a 32768 x 1024 matrix)."""
+
     def rows(start: int, stop: int) -> None:
         for i in range(start, stop, block):
             out[:, i : min(i + block, stop)] = w[i : min(i + block, stop)].T
@@ -104,7 +91,9 @@ def _transpose_into(out: np.ndarray, w: np.ndarray, block: int = 128) -> None:
 
 
 def swap_last(w: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
-    """[E, a, b] -> [E, b, a], contiguous: each expert's matrix transposed."""
+    """[E, a, b] -> [E, b, a], contiguous: each expert's matrix transposed. A reader that
+    already wrote the experts transposed hands over the swapped view of an array it owns (see
+    gguf.py): that array is returned as is."""
     dtype = w.dtype if dtype is None else np.dtype(dtype)
     t = w.swapaxes(1, 2)
     if t.flags.c_contiguous and t.flags.writeable and t.dtype == dtype and is_aligned(t):

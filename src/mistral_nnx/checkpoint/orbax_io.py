@@ -1,11 +1,14 @@
 """This project's own checkpoint format: orbax arrays + a JSON marker holding the config.
 
 Layout of a checkpoint directory:
-    mistral_nnx.json   {"format": "mistral_nnx", "version": 1, "config": {...}}  (written last)
+    mistral_nnx.json   {"format": "mistral_nnx", "version": 2, "config": {...}}  (written last)
     state/             orbax StandardCheckpointer tree of the parameters
     (tokenizer files copied from the source, if any)
 The whole directory is built under a hidden temporary name and renamed into place, so a crash or
 Ctrl-C mid-write leaves nothing a later load could mistake for a checkpoint.
+
+Version 2 stores the dense projections [out, in] as the model holds them (model.py); version 1
+held them [in..., out...] and is transposed on restore.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,7 +37,8 @@ from mistral_nnx.model import Mistral
 from mistral_nnx.sharding import Sharder
 
 MARKER = "mistral_nnx.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Tokenizer files a checkpoint may carry beside its weights (copied from the source).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -162,18 +167,24 @@ def _process_alive(pid_text: str) -> bool:
 
 
 def read_marker(path: Path) -> MistralConfig:
+    return _read_marker(path)[1]
+
+
+def _read_marker(path: Path) -> tuple[int, MistralConfig]:
+    """(format version, config)."""
     try:
         marker = json.loads((path / MARKER).read_text())
         if not isinstance(marker, dict):
             raise ValueError
         if marker.get("format") != "mistral_nnx":
             raise ValueError
-        if marker.get("version") != FORMAT_VERSION:
+        version = marker.get("version")
+        if version not in READABLE_VERSIONS:
             raise MistralNNXError(
-                f"{path / MARKER}: format version {marker.get('version')} is "
-                f"not supported (this build reads {FORMAT_VERSION})"
+                f"{path / MARKER}: format version {version} is not supported (this build "
+                f"reads {', '.join(map(str, READABLE_VERSIONS))})"
             )
-        return MistralConfig.from_dict(marker["config"])
+        return version, MistralConfig.from_dict(marker["config"])
     except (OSError, ValueError, KeyError, TypeError):
         raise MistralNNXError(f"{path / MARKER}: corrupt mistral_nnx checkpoint marker") from None
 
@@ -184,21 +195,24 @@ def load_orbax(path: Path, *, dtype: Any, param_dtype: Any, sharder: Sharder | N
     from mistral_nnx.checkpoint.loader import abstract_model, check_shardable, param_sharding
 
     path = path.absolute()  # orbax refuses relative paths
-    config = read_marker(path)
+    version, config = _read_marker(path)
     model = abstract_model(config, dtype, param_dtype)
     check_shardable(model, sharder)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     target: dict[str, Any] = {}
+    orders: dict[tuple[Any, ...], tuple[int, ...]] = {}
     for key, var in flat:
-        sds = var.get_value()
+        shape = var.get_value().shape
         sharding = param_sharding(var, sharder, ".".join(map(str, key)))
+        order = _v1_order(key, len(shape)) if version == 1 else None
+        if order is not None:  # restored in the old layout, transposed below
+            orders[key] = order
+            shape, sharding = _permuted(shape, sharding, order)
         node = target
         for part in key[:-1]:
             node = node.setdefault(str(part), {})
-        node[str(key[-1])] = jax.ShapeDtypeStruct(
-            sds.shape, np.dtype(param_dtype), sharding=sharding
-        )
+        node[str(key[-1])] = jax.ShapeDtypeStruct(shape, np.dtype(param_dtype), sharding=sharding)
     try:
         with _stderr_kept_on_success(), ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / "state", target)
@@ -211,8 +225,42 @@ def load_orbax(path: Path, *, dtype: Any, param_dtype: Any, sharder: Sharder | N
         node = restored
         for part in key:
             node = node[str(part)]
+        if key in orders:
+            sharding = param_sharding(var, sharder, ".".join(map(str, key)))
+            node = jax.jit(jnp.transpose, static_argnums=1, out_shardings=sharding)(
+                node, orders[key]
+            )
         var.set_value(node)
     return nnx.merge(graphdef, state)
+
+
+def _v1_order(key: tuple[Any, ...], ndim: int) -> tuple[int, ...] | None:
+    """Version 1 held the dense projections [in..., out...]: the axes of such an array that give
+    this layout (new = old.transpose(order)); None for arrays stored as they are (embedding,
+    norms, the stacked experts)."""
+    if key[-1] in ("wq", "wk", "wv"):
+        return (1, 2, 0)  # [d, n, e] -> [n, e, d]
+    if key[-1] == "wo":
+        return (2, 0, 1)  # [h, e, d] -> [d, h, e]
+    if ndim == 2 and key != ("embed",):
+        return (1, 0)  # lm_head, gate, up, down, the MoE router
+    return None
+
+
+def _permuted(
+    shape: tuple[int, ...], sharding: Any, order: tuple[int, ...]
+) -> tuple[tuple[int, ...], Any]:
+    """The shape and sharding of the version-1 array that `order` turns into `shape`."""
+    old_shape = [0] * len(shape)
+    for new_axis, old_axis in enumerate(order):
+        old_shape[old_axis] = shape[new_axis]
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+        old_spec: list[Any] = [None] * len(shape)
+        for new_axis, old_axis in enumerate(order):
+            old_spec[old_axis] = spec[new_axis]
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*old_spec))
+    return tuple(old_shape), sharding
 
 
 @contextlib.contextmanager

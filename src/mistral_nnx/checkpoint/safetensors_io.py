@@ -1,7 +1,7 @@
 """A streaming safetensors reader: one tensor mapped at a time.
 
-Each tensor comes as a read-only view of its own memory map of the file: the loader's re-layout
-(transpose, cast) then reads the page cache directly and writes the model's buffer once, with no
+Each tensor comes as a read-only view of its own memory map of the file: the loader's copy (with
+the cast) then reads the page cache directly and writes the model's buffer once, with no
 intermediate copy. A map is released when its last view is dropped, so the file's pages leave
 this process's resident set tensor by tensor and peak host memory stays the placed model plus
 about one tensor. The header is validated up front, so a truncated or corrupt file fails before

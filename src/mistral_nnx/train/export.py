@@ -1,9 +1,9 @@
 """Export: merged weights as a Hugging Face checkpoint, adapters in PEFT's format, and adapters
 read back (PEFT format) onto a model.
 
-Layouts. Our weights are [in..., out...] (wq [D, H, E], wo [H, E, D], gate [D, M]); HF's are
-[out, in]. qwix's adapters follow ours: A [in..., r], B [r, out...]; PEFT's are
-lora_A.weight [r, in], lora_B.weight [out, r]; both scale A @ B by alpha / r.
+Layouts. Our weights are HF's [out, in] with the heads split out (wq [H, E, D], wo [D, H, E],
+gate [M, D]). qwix's adapters are A [in..., r], B [r, out...]; PEFT's are lora_A.weight [r, in],
+lora_B.weight [out, r]; both scale A @ B by alpha / r.
 """
 
 from __future__ import annotations
@@ -52,14 +52,12 @@ def hf_name(path: tuple[Any, ...]) -> str:
 
 
 def to_hf_layout(path: tuple[Any, ...], w: np.ndarray) -> np.ndarray:
-    """Our layout -> HF's [out, in] (the inverse of the loader's transforms)."""
-    if path in (("embed",),) or path[-1] == "weight":
-        return w
-    if path[-1] in ("wq", "wk", "wv"):
-        return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
-    if path[-1] == "wo":
-        return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
-    return np.ascontiguousarray(w.T)  # lm_head, gate, up, down
+    """Our layout -> HF's [out, in] (the inverse of the loader's reshapes)."""
+    if path[-1] in ("wq", "wk", "wv"):  # [n, e, d] -> [n*e, d]
+        return w.reshape(-1, w.shape[-1])
+    if path[-1] == "wo":  # [d, h, e] -> [d, h*e]
+        return w.reshape(w.shape[0], -1)
+    return w
 
 
 def hf_config(config: MistralConfig, dtype: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 qwix intercepts the model's `jnp.einsum` / `jnp.dot` calls and adds `x @ A @ B * alpha / rank`
 to the projections whose module path matches a rule; A and B are `nnx.LoRAParam`s that qwix
-creates on the model (shapes follow the weights' layouts: A [in..., r], B [r, out...]).
+creates on the model (A [in..., r], B [r, out...], whatever the weight's layout).
 On top of qwix, the provider below:
 - targets weights by name: qwix rules select modules, and our Attention / MLP modules each hold
   several projections (wq, wk, wv, wo / gate, up, down), so the weight's full path
@@ -142,7 +142,7 @@ def quant_weight_class() -> Any:
             return self.replace(array=self.array.astype(dtype))
 
         def reshape(self, *shape: Any) -> Any:
-            # stored in the compute layout already (wo as [h*e, d]); WithAux's own reshape
+            # stored in the compute layout already (wo as [d, h*e]); WithAux's own reshape
             # refuses a -1 even when it names that layout
             dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
             if -1 in dims:
@@ -387,7 +387,7 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
 def _quantise_base(model: Mistral, current: dict[Any, Any], shapes_only: bool) -> None:
     """Replace (in place) the WithAux weights qwix made while tracing (abstract QArrays) by
     QuantWeights holding the base weights quantised as qwix decided (qtype, blocks, the compute
-    layout: wo as [h*e, d]); quantised from float32 so the scales keep full precision."""
+    layout: wo as [d, h*e]); quantised from float32 so the scales keep full precision."""
     from qwix._src.core import qarray
     from qwix._src.providers import ptq
 
@@ -454,12 +454,12 @@ def lora_pairs(model: Mistral) -> dict[str, tuple[jax.Array, jax.Array]]:
 
 
 def merged_delta(weight_shape: tuple[int, ...], a: jax.Array, b: jax.Array) -> jax.Array:
-    """The weight update A @ B in the weight's layout (without the alpha / rank scaling).
+    """The weight update (A @ B).T in the weight's layout (without the alpha / rank scaling).
 
-    Every target weight is [in..., out...] flattened by qwix as A [in, r], B [r, out] with in
-    the leading dims of the weight (wo [h, e, d] is used as [h*e, d])."""
+    Every target weight is [out..., in...] (wq [h, e, d]; wo [d, h, e] is used as [d, h*e]);
+    qwix's adapters flatten to A [in, r], B [r, out]."""
     r = a.shape[-1]
-    return (a.reshape(-1, r) @ b.reshape(r, -1)).reshape(weight_shape)
+    return (a.reshape(-1, r) @ b.reshape(r, -1)).T.reshape(weight_shape)
 
 
 def merge_lora(model: Mistral, scaling: float) -> Mistral:
@@ -474,7 +474,7 @@ def merge_lora(model: Mistral, scaling: float) -> Mistral:
     plain.sharder = model.sharder
     graphdef, state = nnx.split(plain)
     for path, var in nnx.to_flat_state(state):
-        value = current[path].reshape(var.get_value().shape)  # wo: [h*e, d] when quantised
+        value = current[path].reshape(var.get_value().shape)  # wo: [d, h*e] when quantised
         key = "/".join(map(str, path))
         if key in pairs:
             delta = merged_delta(value.shape, *pairs[key]) * scaling
