@@ -69,7 +69,7 @@ def patched_attention_call(
     q, k = M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
     assert cache is not None and cache.can_write_before_read(x.shape[1])
     cache = cache.write(k, v, positions, valid)
-    out = M.attend(q, cache.k.astype(dt), cache.v.astype(dt), positions, cache.pos, self.window)
+    out = M.attend_kv(q, cache.k.astype(dt), cache.v.astype(dt), positions, cache.pos, self.window)
     b, t, h, e = out.shape
     wo = self.wo[...].astype(dt)
     return jnp.einsum("btf,df->btd", out.reshape(b, t, h * e), wo.reshape(wo.shape[0], -1)), cache

@@ -224,7 +224,7 @@ def test_ring_memory_stops_at_window(window16):
     small = init_cache(model.config, 2, 256)
     large = init_cache(model.config, 2, 4096)
     assert small.nbytes() == large.nbytes()  # every layer is a window-16 ring
-    assert small.layers[0].k.shape == (2, 16, 2, 16)
+    assert small.layers[0].k.shape == (2, 2, 16, 16)
 
 
 def test_cache_is_donated_to_the_step_functions(window16):

@@ -223,9 +223,9 @@ def test_partition_specs_follow_the_preset(checks):
 def test_kv_cache_sharded_over_kv_heads_or_replicated(checks):
     runs = checks["runs"]
     # 8 kv heads: sharded over model; batch of 4 over data=2, but not over data=8.
-    assert runs["kv8 data=2,model=4 tp+fsdp"]["cache_k"] == ["data", None, "model", None]
-    assert runs["kv8 data=1,model=8 tp+fsdp"]["cache_k"] == ["data", None, "model", None]
-    assert runs["kv8 data=8,model=1 tp+fsdp"]["cache_k"] == [None, None, "model", None]
+    assert runs["kv8 data=2,model=4 tp+fsdp"]["cache_k"] == ["data", "model", None, None]
+    assert runs["kv8 data=1,model=8 tp+fsdp"]["cache_k"] == ["data", "model", None, None]
+    assert runs["kv8 data=8,model=1 tp+fsdp"]["cache_k"] == [None, "model", None, None]
     # 2 kv heads on model=4: cache and wk/wv replicated over model, no error, same tokens.
     kv2 = runs["kv2 data=2,model=4 tp+fsdp"]
     assert kv2["cache_k"] == ["data", None, None, None]

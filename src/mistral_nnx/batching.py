@@ -324,6 +324,7 @@ class Engine:
                 lengths,
                 logits,
                 self._sharder,
+                fresh=start == 0,
             )
         return cache, logits
 

@@ -2,6 +2,11 @@
 
 Every slot remembers the absolute position it holds (-1 = empty), so the attention mask is built
 from positions alone: ragged batches, padding, ring wrap-around and chunked prefill all follow.
+
+Layout: keys [B, K, C, E] and values [B, K, E, C], each head's block contiguous, in the order the
+two attention contractions read them (q.k over E, p.v over C). With the tokens' own order
+[B, C, K, E], XLA:CPU copied the whole cache into these layouts in every layer at every decode
+step: 5x the attention time at C = 1024 (benchmarks/RESULTS.md section 10).
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ from mistral_nnx.errors import MistralNNXError
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerKV:
-    k: jax.Array  # [B, C, K, E]
-    v: jax.Array  # [B, C, K, E]
+    k: jax.Array  # [B, K, C, E]
+    v: jax.Array  # [B, K, E, C]
     pos: jax.Array  # [B, C] int32, absolute position held by each slot, -1 = empty
     ring: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[2]
 
     def can_write_before_read(self, num_new: int) -> bool:
         """Writing a chunk before attending is safe unless a ring buffer would overwrite keys
@@ -34,8 +39,9 @@ class LayerKV:
         return not self.ring or num_new == 1
 
     def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array) -> LayerKV:
-        """Store the chunk's keys/values at slot position % C. Padding is dropped, and in a ring
-        only the newest C tokens of the chunk are written, so no two writes share a slot."""
+        """Store the chunk's keys/values (k, v [B, T, K, E]) at slot position % C. Padding is
+        dropped, and in a ring only the newest C tokens of the chunk are written, so no two
+        writes share a slot."""
         b, t = positions.shape
         c = self.capacity
         newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
@@ -44,9 +50,10 @@ class LayerKV:
             keep &= positions < c  # past the end: dropped, never wrapped onto older entries
         slot = jnp.where(keep, positions % c, c)  # c is out of range: mode="drop" skips it
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        # Two index arrays around sliced axes: the indexed view is [B, T, K, E] for both.
         return LayerKV(
-            k=self.k.at[rows, slot].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[rows, slot].set(v.astype(self.v.dtype), mode="drop"),
+            k=self.k.at[rows, :, slot].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[rows, :, :, slot].set(v.astype(self.v.dtype), mode="drop"),
             pos=self.pos.at[rows, slot].set(positions.astype(jnp.int32), mode="drop"),
             ring=self.ring,
         )
@@ -80,10 +87,11 @@ def init_cache(
     layers = []
     for window in config.layer_windows:
         slots, ring = layer_capacity(window, max_len)
-        kv_shape = (batch, slots, config.num_kv_heads, config.head_dim)
-        kv_axes = ("batch", None, "kv_heads", "head_dim")
-        k = _zeros(kv_shape, dtype, kv_axes, sharding)
-        v = _zeros(kv_shape, dtype, kv_axes, sharding)
+        heads, e = config.num_kv_heads, config.head_dim
+        k_axes = ("batch", "kv_heads", None, "head_dim")
+        v_axes = ("batch", "kv_heads", "head_dim", None)
+        k = _zeros((batch, heads, slots, e), dtype, k_axes, sharding)
+        v = _zeros((batch, heads, e, slots), dtype, v_axes, sharding)
         pos = jnp.full((batch, slots), -1, jnp.int32)
         if sharding is not None:
             pos = jax.device_put(pos, sharding(pos.shape, ("batch", None)))

@@ -101,7 +101,9 @@ class StopRules:
 # ---- jitted step functions (module level: one compile cache shared by every call) -----------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sharder"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "sharder", "fresh"), donate_argnames=("cache",)
+)
 def _prefill_chunk(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -111,14 +113,18 @@ def _prefill_chunk(
     lengths: jax.Array,
     last_logits: jax.Array,
     sharder: Sharder | None,
+    fresh: bool = False,
 ) -> tuple[KVCache, jax.Array]:
-    """Feed one chunk of the (right-padded) prompts; keep the logits of each last prompt token."""
+    """Feed one chunk of the (right-padded) prompts; keep the logits of each last prompt token.
+    `fresh`: the cache is empty (the first chunk); attention then reads only the chunk's keys."""
     with activation_sharding(sharder):
         model = nnx.merge(graphdef, state)
         valid = positions < lengths[:, None]
         last = lengths - 1
         index = jnp.clip(last - positions[:, 0], 0, tokens.shape[1] - 1)
-        logits, new_cache = model.forward(tokens, positions, valid, cache, logit_index=index)
+        logits, new_cache = model.forward(
+            tokens, positions, valid, cache, logit_index=index, empty_cache=fresh
+        )
         here = (last >= positions[:, 0]) & (last <= positions[:, -1])
         assert new_cache is not None
         return new_cache, jnp.where(here[:, None], logits, last_logits)
@@ -447,6 +453,7 @@ def stream(
             lengths_arr,
             last_logits,
             sharder,
+            fresh=start == 0,
         )
     history_len = max(1, rules.sequences.shape[1])
     state = DecodeState(

@@ -103,6 +103,7 @@ class Attention(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         cache: LayerKV | None,
+        empty_cache: bool = False,
     ) -> tuple[jax.Array, LayerKV | None]:
         dt = self.dtype
         b, t, d = x.shape
@@ -142,11 +143,17 @@ class Attention(nnx.Module):
             # A ring buffer taking a multi-token chunk: attend over the old entries plus the
             # chunk, then keep the newest entries.
             alone = jnp.all(cache.pos < 0)
-            keys = jnp.concatenate([cache.k.astype(dt), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(dt), v], axis=1)
+            k_heads, v_heads = cache_layout(k, v)
+            keys = jnp.concatenate([cache.k.astype(dt), k_heads], axis=2)
+            values = jnp.concatenate([cache.v.astype(dt), v_heads], axis=3)
             key_pos = jnp.concatenate([cache.pos, new_pos], axis=1)
             cache = cache.write(k, v, positions, valid)
-            general = functools.partial(attend, q, keys, values, positions, key_pos, window)
+            general = functools.partial(attend_kv, q, keys, values, positions, key_pos, window)
+        if cache is not None and empty_cache:
+            # The caller knows the cache was empty (a first prefill chunk): the chunk's own keys
+            # are all there is, so attend over those T instead of the S >= T cache slots.
+            alone = jnp.bool_(True)
+            general = functools.partial(attend, q, k_self, v_self, positions, new_pos, window)
         out = attend_chunk(q, k_self, v_self, positions, valid, window, general, alone)
 
         # Likewise one 2-D contraction over (heads x head_dim), wo [D, H, E] read as [D, H*E].
@@ -191,14 +198,24 @@ def attend_filled(
     sizes = [n for n in (c // 8, c // 4, c // 2) if n >= PREFIX_MIN] + [c]
 
     def read(n: int) -> Callable[[], jax.Array]:
-        k, v, pos = cache.k[:, :n], cache.v[:, :n], cache.pos[:, :n]
-        return lambda: attend(q, k.astype(dtype), v.astype(dtype), q_pos, pos, window)
+        def branch() -> jax.Array:
+            # Sliced inside the branch: slices taken outside would be switch operands, every
+            # size materialised as a copy of the cache in every layer at every step.
+            k, v, pos = cache.k[:, :, :n], cache.v[..., :n], cache.pos[:, :n]
+            return attend_kv(q, k.astype(dtype), v.astype(dtype), q_pos, pos, window)
+
+        return branch
 
     if cache.ring or len(sizes) == 1:
         return read(c)()
     reach = jnp.max(q_pos) + 1
     branch = jnp.sum(reach > jnp.asarray(sizes[:-1]))  # the first size that holds `reach`
     return jax.lax.switch(branch, [read(n) for n in sizes])
+
+
+def cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys/values [B,T,K,E] in the KV cache's layout: k [B,K,T,E], v [B,K,E,T]."""
+    return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
 
 
 def attend(
@@ -208,10 +225,27 @@ def attend(
 
     Query at position i sees key j when 0 <= j <= i and (no window or i - j < window).
     """
+    return attend_kv(q, *cache_layout(k, v), q_pos, k_pos, window)
+
+
+def attend_kv(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, window: int | None
+) -> jax.Array:
+    """`attend` with keys and values in the KV cache's layout: k [B,K,S,E], v [B,K,E,S]."""
     b, t, h, e = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
+    kv_heads = k.shape[1]
+    g = h // kv_heads
+    grouped = q.reshape(b, t, kv_heads, g, e)
+    if t == 1:
+        scores = jnp.einsum("btkge,bkse->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    else:
+        # Queries as [B, K, G*T, E] so the scores come out [B, K, G*T, S], the order the mask
+        # and softmax read. From the einsum above XLA:CPU computes them as [S, G*T] and then
+        # transposes them: 2-3x the attention time of a long prefill chunk (RESULTS section 10).
+        rows = grouped.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, e)
+        scores = jax.lax.dot_general(
+            rows, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
+        ).reshape(b, kv_heads, g, t, -1)
     scores = scores / jnp.sqrt(jnp.float32(e))
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     mask = (kp >= 0) & (kp <= qp)
@@ -219,8 +253,11 @@ def attend(
         mask &= qp - kp < window
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v)
-    return out.reshape(b, t, h, e)
+    if t == 1:
+        return jnp.einsum("bkgts,bkes->btkge", probs, v).reshape(b, t, h, e)
+    dims = (((3,), (3,)), ((0, 1), (0, 1)))
+    out = jax.lax.dot_general(probs.reshape(b, kv_heads, g * t, -1), v, dims)  # [B, K, G*T, E]
+    return out.reshape(b, kv_heads, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
 class MLP(nnx.Module):
@@ -277,8 +314,10 @@ class DecoderLayer(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         cache: LayerKV | None,
+        empty_cache: bool = False,
     ) -> tuple[jax.Array, LayerKV | None]:
-        attn_out, cache = self.attn(self.attn_norm(x), positions, valid, cos, sin, cache)
+        normed = self.attn_norm(x)
+        attn_out, cache = self.attn(normed, positions, valid, cos, sin, cache, empty_cache)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", None, "embed")), cache
@@ -345,14 +384,16 @@ class Mistral(nnx.Module):
         valid: jax.Array | None = None,
         cache: KVCache | None = None,
         logit_index: jax.Array | None = None,
+        empty_cache: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """The full call. With `cache`, keys/values of earlier tokens come from it and the new
         ones are written into it. With `logit_index` [B], only the logits of that position of
-        each row are computed: [B, vocab]."""
+        each row are computed: [B, vocab]. `empty_cache` (static): the caller promises the
+        cache holds nothing yet (a first prefill chunk), so attention reads only the new keys."""
         # float32 compute means float32 matmuls: GPUs otherwise use TF32 for them by default.
         exact = jnp.dtype(self.dtype) == jnp.float32
         with jax.default_matmul_precision("highest") if exact else contextlib.nullcontext():
-            return self._forward(tokens, positions, valid, cache, logit_index)
+            return self._forward(tokens, positions, valid, cache, logit_index, empty_cache)
 
     def _forward(
         self,
@@ -361,6 +402,7 @@ class Mistral(nnx.Module):
         valid: jax.Array | None,
         cache: KVCache | None,
         logit_index: jax.Array | None,
+        empty_cache: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         b, t = tokens.shape
         if positions is None:
@@ -375,9 +417,8 @@ class Mistral(nnx.Module):
             if self.remat == "layer" and cache is None:
                 x, layer_cache = _remat_layer(layer, x, positions, valid, cos, sin)
             else:
-                x, layer_cache = layer(
-                    x, positions, valid, cos, sin, None if cache is None else cache.layers[i]
-                )
+                layer_kv = None if cache is None else cache.layers[i]
+                x, layer_cache = layer(x, positions, valid, cos, sin, layer_kv, empty_cache)
             new_layers.append(layer_cache)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
