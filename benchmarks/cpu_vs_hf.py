@@ -134,6 +134,7 @@ class Ours:
             jnp.full((b,), t, jnp.int32),
             jnp.zeros((b, config.vocab_size), jnp.float32),
             None,
+            fresh=True,  # a first chunk, as the engine runs it
         )
         return np.asarray(logits)
 

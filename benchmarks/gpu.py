@@ -232,7 +232,7 @@ def bench_prefill(model: Any, batch: int, length: int, timer: Timer) -> tuple[fl
             )
         )
         holder["cache"], logits = engine._prefill_chunk(
-            graphdef, params, cache, tokens, pos, lengths, last, None
+            graphdef, params, cache, tokens, pos, lengths, last, None, fresh=True
         )
         return holder["cache"], logits
 

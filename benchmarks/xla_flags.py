@@ -82,6 +82,7 @@ def child(out: Path) -> None:
             jnp.full((1,), 128, jnp.int32),
             jnp.zeros((1, config.vocab_size), jnp.float32),
             None,
+            fresh=True,
         )
         return np.asarray(logits)
 
@@ -177,7 +178,7 @@ def main() -> None:
                 "prefill B=1 T=128",
                 "decode B=1 /step",
                 "decode B=8 /step",
-                "max |dlogit|",
+                "max abs dlogit",
             ],
             rows,
         )
