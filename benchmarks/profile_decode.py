@@ -54,7 +54,14 @@ def load(name: str) -> Any:
 
 
 def patched_attention_call(
-    self: Any, x: Any, positions: Any, valid: Any, cos: Any, sin: Any, cache: Any
+    self: Any,
+    x: Any,
+    positions: Any,
+    valid: Any,
+    cos: Any,
+    sin: Any,
+    cache: Any,
+    empty_cache: bool = False,
 ) -> tuple[Any, Any]:
     """model.Attention.__call__ for the decode path, with the output projection as a 2-D
     matmul. Same math as the original for a non-ring cache and one new token."""
