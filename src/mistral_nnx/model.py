@@ -236,6 +236,7 @@ def attend_kv(
     kv_heads = k.shape[1]
     g = h // kv_heads
     grouped = q.reshape(b, t, kv_heads, g, e)
+    per_head = (((3,), (3,)), ((0, 1), (0, 1)))  # contract the last axes, batch over (B, K)
     if t == 1:
         scores = jnp.einsum("btkge,bkse->bkgts", grouped, k, preferred_element_type=jnp.float32)
     else:
@@ -243,9 +244,8 @@ def attend_kv(
         # and softmax read. From the einsum above XLA:CPU computes them as [S, G*T] and then
         # transposes them: 2-3x the attention time of a long prefill chunk (RESULTS section 10).
         rows = grouped.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, e)
-        scores = jax.lax.dot_general(
-            rows, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
-        ).reshape(b, kv_heads, g, t, -1)
+        scores = jax.lax.dot_general(rows, k, per_head, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv_heads, g, t, -1)
     scores = scores / jnp.sqrt(jnp.float32(e))
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     mask = (kp >= 0) & (kp <= qp)
@@ -255,8 +255,7 @@ def attend_kv(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if t == 1:
         return jnp.einsum("bkgts,bkes->btkge", probs, v).reshape(b, t, h, e)
-    dims = (((3,), (3,)), ((0, 1), (0, 1)))
-    out = jax.lax.dot_general(probs.reshape(b, kv_heads, g * t, -1), v, dims)  # [B, K, G*T, E]
+    out = jax.lax.dot_general(probs.reshape(b, kv_heads, g * t, -1), v, per_head)  # [B,K,G*T,E]
     return out.reshape(b, kv_heads, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
