@@ -1,6 +1,7 @@
 """Training sharded over a mesh (4 fake CPU devices, in a subprocess): full fine-tuning with
 tp+fsdp gives the losses of one device, with AdamW moments split like the weights; LoRA over an
-fsdp-sharded base trains (adapters and optimizer counters replicated)."""
+fsdp-sharded base trains (adapters and optimizer counters replicated); QLoRA over tp+fsdp gives
+the losses of QLoRA on one device, its quantised base split like the float one."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_fsdp_and_tp_fsdp_train_like_one_device(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     runs = json.loads(out.read_text())
-    one, tp_fsdp, lora = runs
+    one, tp_fsdp, lora, qlora_one, qlora_mesh = runs
     assert tp_fsdp["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert one["losses"][-1] < one["losses"][0]
     # LoRA starts from the same model (B = 0), then learns
@@ -40,3 +41,8 @@ def test_fsdp_and_tp_fsdp_train_like_one_device(tmp_path: Path) -> None:
     assert tp_fsdp["weight_shards"] == lora["weight_shards"] == 4
     assert tp_fsdp["weight_shard_shape"] == tp_fsdp["moment_shard_shape"] == [64, 32]
     assert lora["weight_shard_shape"] == [128, 32]
+    # QLoRA: the same training on the mesh, the nf4 codes of mlp.up split like the float weight
+    assert qlora_mesh["losses"] == pytest.approx(qlora_one["losses"], rel=1e-5)
+    assert qlora_one["losses"][-1] < qlora_one["losses"][0]
+    assert qlora_mesh["weight_shards"] == 4
+    assert qlora_mesh["weight_shard_shape"] == [64, 32]

@@ -1,5 +1,6 @@
-"""Training on 4 fake CPU devices: full fine-tuning (tp+fsdp) against one device, and LoRA
-(fsdp). Run by tests/test_train_mesh.py as `python train_checks.py CHECKPOINT OUT_JSON` with
+"""Training on 4 fake CPU devices: full fine-tuning (tp+fsdp) against one device, LoRA
+(fsdp), and QLoRA (nf4 base, tp+fsdp) against QLoRA on one device. Run by
+tests/test_train_mesh.py as `python train_checks.py CHECKPOINT OUT_JSON` with
 XLA_FLAGS=--xla_force_host_platform_device_count=4; writes the losses and where the weights and
 optimizer moments live."""
 
@@ -16,7 +17,14 @@ import mistral_nnx
 from mistral_nnx.train.lora import LoraConfig, apply_lora
 from mistral_nnx.train.step import OptimConfig, Trainer
 
-RUNS = [(None, None, False), ("data=2,model=2", "tp+fsdp", False), ("data=2,model=2", "fsdp", True)]
+MESH = "data=2,model=2"
+RUNS = [
+    (None, None, "full"),
+    (MESH, "tp+fsdp", "full"),
+    (MESH, "fsdp", "lora"),
+    (None, None, "qlora"),
+    (MESH, "tp+fsdp", "qlora"),
+]
 
 
 def batch(seed: int) -> dict[str, np.ndarray]:
@@ -28,11 +36,13 @@ def batch(seed: int) -> dict[str, np.ndarray]:
 def main() -> None:
     checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
     results = []
-    for mesh, rules, lora in RUNS:
+    for mesh, rules, mode in RUNS:
+        lora = mode != "full"
         m = mistral_nnx.make_mesh(mesh) if mesh else None
         model = mistral_nnx.load_model(checkpoint, mesh=m, rules=rules, progress=False)
         if lora:
-            model = apply_lora(model, LoraConfig(4, 8))
+            quant = "nf4" if mode == "qlora" else None
+            model = apply_lora(model, LoraConfig(4, 8, quant=quant, quant_block=32))
         optim = OptimConfig(steps=5, lr=1e-2, schedule="constant")
         trainer = Trainer(model, optim, wrt=nnx.LoRAParam if lora else nnx.Param)
         losses = [trainer.step(batch(0))["loss"] for _ in range(3)]
@@ -41,7 +51,7 @@ def main() -> None:
             for p, v in nnx.to_flat_state(nnx.state(trainer.model))
         }
         flat |= {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(trainer.state)}
-        up = "0.layers.0.mlp.up"
+        up = "0.layers.0.mlp.up" + (".array.qvalue" if mode == "qlora" else "")
         moment = next(
             k for k in flat if k.endswith(".mu.layers.0.mlp." + ("up_lora_b" if lora else "up"))
         )
@@ -49,7 +59,7 @@ def main() -> None:
             {
                 "mesh": mesh,
                 "rules": rules,
-                "lora": lora,
+                "mode": mode,
                 "losses": losses,
                 "weight_shards": len(flat[up].sharding.device_set),
                 "weight_shard_shape": list(flat[up].addressable_shards[0].data.shape),

@@ -402,11 +402,38 @@ def _quantise_base(model: Mistral, current: dict[Any, Any], shapes_only: bool) -
             if shapes_only:
                 quantised = jax.tree.map(lambda v: v.get_value(), value.array, is_leaf=_is_var)
             else:
-                weight = current[key].get_value().astype(jnp.float32).reshape(value.shape)
-                how = value.how
-                quantised = jax.jit(lambda w, how=how: qarray.quantize(w, how))(weight)
+                var = current[key]
+                weight = var.get_value().astype(jnp.float32).reshape(value.shape)
+                quantise = functools.partial(qarray.quantize, how=value.how)
+                placement, sharder = None, model.sharder
+                if sharder is not None:  # codes and scales split like the weight
+                    axes = _compute_axes(var, value.shape)
+                    placement = jax.tree.map(
+                        lambda leaf, axes=axes, sharder=sharder: sharder(leaf.shape, axes),
+                        jax.eval_shape(quantise, weight),
+                    )
+                quantised = jax.jit(quantise, out_shardings=placement)(weight)
             boxed = jax.tree.map(nnx.Param, quantised)
             setattr(module, name, quant_weight(boxed, value.how, path="/".join(map(str, key))))
+
+
+def _compute_axes(weight: nnx.Variable, shape: tuple[int, ...]) -> list[str | None]:
+    """The logical axes of a weight in the compute layout `shape` qwix quantised it in, which
+    may merge trailing dimensions (wo [d, h, e] as [d, h*e]): a merged dimension keeps the axis
+    of its first part. Left to XLA, the quantised codes of gate/up came out replicated on an
+    fsdp mesh; placed by these axes (a scale dimension that does not divide over its mesh axis
+    is replicated) the quantised base is split like the float one."""
+    dims, axes = weight.get_value().shape, weight.get_metadata()["logical_axes"]
+    merged: list[str | None] = []
+    i = 0
+    for size in shape:
+        merged.append(axes[i])
+        covered = dims[i]
+        i += 1
+        while covered < size:
+            covered *= dims[i]
+            i += 1
+    return merged
 
 
 def dequantised_weights(model: Mistral) -> dict[tuple[Any, ...], jax.Array]:
