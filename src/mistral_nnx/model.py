@@ -51,8 +51,15 @@ def _param(
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] times a weight w [out, in]: x @ w.T as one dot_general (which qwix's LoRA
-    intercepts, like jnp.dot; a transposed view of the weight it could not trace back)."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+    intercepts, like jnp.dot; a transposed view of the weight it could not trace back).
+
+    x is flattened to 2-D first: the gradient of a weight (or of a LoRA B) then contracts one
+    token dimension, not [batch, tokens]; with two, XLA:CPU transposed each [B, T, out]
+    gradient in a strided copy fusion, 8 ms per MLP matrix (LoRA train step on SmolLM2, 2 x 128
+    tokens: 2.6 -> 1.2 s)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = jax.lax.dot_general(flat, w, (((1,), (1,)), ((), ())))
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 class RMSNorm(nnx.Module):
