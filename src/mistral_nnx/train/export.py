@@ -207,28 +207,29 @@ def _gate_up_blocks(moe: MoE, rank: int) -> list[tuple[str, slice, slice]]:
     return [(k, slice(j * r, (j + 1) * r), rows[k]) for j, k in enumerate(kinds)]
 
 
+def _peft_pair(moe: MoE, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Our adapters of `kind` per expert in PEFT's orientation: A [E, r, in], B [E, out, r]."""
+    a, b = (np.asarray(getattr(moe, f"{kind}_lora_{x}")[...]) for x in "ab")
+    return a.transpose(0, 2, 1), b.transpose(0, 2, 1)
+
+
 def _peft_expert_tensors(layer: int, moe: MoE) -> dict[str, np.ndarray]:
     params = _expert_params(moe)
     out = {}
     for param in params:
-        if param == "down_proj":  # A [E, M, r] -> [E, r, M]; B [E, r, D] -> [E, D, r]
-            a_e = np.asarray(moe.down_lora_a[...]).transpose(0, 2, 1)
-            b_e = np.asarray(moe.down_lora_b[...]).transpose(0, 2, 1)
-        else:
+        if param == "down_proj":
+            a_e, b_e = _peft_pair(moe, "down")
+        else:  # gate and up stacked along the rank, B block diagonal
             kinds = [k for k in ("gate", "up") if k in moe.lora_kinds]
             e, _, m = _shape(moe, kinds[0])
-            a_e = np.concatenate(
-                [np.asarray(getattr(moe, f"{k}_lora_a")[...]).transpose(0, 2, 1) for k in kinds], 1
-            )
+            a_e = np.concatenate([_peft_pair(moe, k)[0] for k in kinds], axis=1)
             b_e = np.zeros((e, 2 * m, a_e.shape[1]), np.float32)
             for kind, cols, rows in _gate_up_blocks(moe, a_e.shape[1]):
-                b_e[:, rows, cols] = np.asarray(getattr(moe, f"{kind}_lora_b")[...]).transpose(
-                    0, 2, 1
-                )
+                b_e[:, rows, cols] = _peft_pair(moe, kind)[1]
         e, rank, _ = a_e.shape
         name = _expert_name(layer, params, param)
         out[f"{name}lora_A.weight"] = np.ascontiguousarray(a_e.reshape(e * rank, -1))
-        b = b_e.transpose(1, 2, 0).reshape(b_e.shape[1], rank * e)
+        b = b_e.transpose(1, 2, 0).reshape(b_e.shape[1], rank * e)  # column j * E + e
         out[f"{name}lora_B.weight"] = np.ascontiguousarray(b)
     return out
 
@@ -236,9 +237,9 @@ def _peft_expert_tensors(layer: int, moe: MoE) -> dict[str, np.ndarray]:
 def peft_tensors(model: Mistral) -> dict[str, np.ndarray]:
     """PEFT's adapter_model.safetensors content for a LoRA model."""
     out = {}
-    for i, layer in enumerate(model.layers):
+    for n, layer in enumerate(model.layers):
         if isinstance(layer.mlp, MoE) and layer.mlp.lora_kinds:
-            out.update(_peft_expert_tensors(i, layer.mlp))
+            out.update(_peft_expert_tensors(n, layer.mlp))
     for key, (a, b) in lora_pairs(model).items():
         _, i, part, weight = key.split("/")
         if model.config.is_moe and part == "mlp":
@@ -300,9 +301,9 @@ def _tensor(tensors: Mapping[str, np.ndarray], name: str, source: str, seen: set
 def set_peft_tensors(model: Mistral, tensors: Mapping[str, np.ndarray], source: str) -> None:
     """Copy PEFT-format adapters into a LoRA model's adapters (same targets and rank)."""
     seen: set[str] = set()
-    for i, layer in enumerate(model.layers):
+    for n, layer in enumerate(model.layers):
         if isinstance(layer.mlp, MoE) and layer.mlp.lora_kinds:
-            _set_expert_tensors(i, layer.mlp, tensors, source, seen)
+            _set_expert_tensors(n, layer.mlp, tensors, source, seen)
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.LoRAParam):
             continue
@@ -356,7 +357,7 @@ def save_adapters(
             if rank != lora.rank:  # gate and up stacked: rank 2r, the scaling unchanged
                 rank_pattern[re.escape(name)] = rank
                 alpha_pattern[re.escape(name)] = lora.alpha * rank / lora.rank
-    config = {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
