@@ -98,19 +98,15 @@ class MoE(nnx.Module):
         expert) -> [N, k | E, out]."""
         a, b = getattr(self, f"{kind}_lora_a")[...], getattr(self, f"{kind}_lora_b")[...]
         if key is not None:
-            rate = self.lora_dropout
-            keep = jax.random.bernoulli(
-                jax.random.fold_in(key, LORA_KINDS.index(kind)), 1 - rate, x.shape
-            )
+            rate, key = self.lora_dropout, jax.random.fold_in(key, LORA_KINDS.index(kind))
+            keep = jax.random.bernoulli(key, 1 - rate, x.shape)
             x = jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
         lhs = "nd" if x.ndim == 2 else "ned"
         if index is None:
             t = jnp.einsum(f"{lhs},edr->ner", x, a)
             return jnp.einsum("ner,ero->neo", t, b) * self.lora_scaling
-        a, b = (
-            jnp.take(a, index, axis=0),
-            jnp.take(b, index, axis=0),
-        )  # [N, k, in, r], [N, k, r, out]
+        # the chosen experts' adapters: [N, k, in, r], [N, k, r, out]
+        a, b = jnp.take(a, index, axis=0), jnp.take(b, index, axis=0)
         t = jnp.einsum(f"{lhs},nedr->ner", x, a)
         return jnp.einsum("ner,nero->neo", t, b) * self.lora_scaling
 
