@@ -18,7 +18,7 @@ weight W [E, in, out], A [E, in, r] and B [E, r, out], expert e computing x @ (W
 They are written by hand rather than left to qwix, which adapts the attention projections: qwix's
 einsum LoRA over W [E, in, out] would make one A [in, r] shared by all experts (not per-expert
 adapters as PEFT's), and it refuses the dense path's three-operand combine einsum. Without
-adapters both paths run exactly the code below the `if self.lora_kinds` tests.
+adapters both paths trace to the same program as before adapters existed (same jaxpr).
 """
 
 from __future__ import annotations
@@ -90,6 +90,22 @@ class MoE(nnx.Module):
             return rngs.dropout()
         return None
 
+    def _project(
+        self,
+        kind: str,
+        spec: str,
+        x: jax.Array,
+        w: jax.Array,
+        index: jax.Array | None,
+        key: jax.Array | None,
+    ) -> jax.Array:
+        """x times the (gathered or all) expert weights `w` of `kind`, plus its adapter term
+        when `kind` has adapters (the sum cast to the compute dtype, as the dense adapters')."""
+        out = jnp.einsum(spec, x, w)
+        if kind in self.lora_kinds:
+            out = (out + self._delta(kind, x, index, key)).astype(self.dtype)
+        return out
+
     def _delta(
         self, kind: str, x: jax.Array, index: jax.Array | None, key: jax.Array | None
     ) -> jax.Array:
@@ -138,17 +154,10 @@ class MoE(nnx.Module):
         gate = jnp.take(self.gate[...], index, axis=0).astype(dt)  # [N, k, D, M]
         up = jnp.take(self.up[...], index, axis=0).astype(dt)
         down = jnp.take(self.down[...], index, axis=0).astype(dt)  # [N, k, M, D]
-        g = jnp.einsum("nd,nkdm->nkm", x, gate)
-        u = jnp.einsum("nd,nkdm->nkm", x, up)
         key = self._dropout_key()
-        if "gate" in self.lora_kinds:
-            g = (g + self._delta("gate", x, index, key)).astype(dt)
-        if "up" in self.lora_kinds:
-            u = (u + self._delta("up", x, index, key)).astype(dt)
-        h = jax.nn.silu(g) * u
-        y = jnp.einsum("nkm,nkmd->nkd", h, down)
-        if "down" in self.lora_kinds:
-            y = (y + self._delta("down", h, index, key)).astype(dt)
+        g = self._project("gate", "nd,nkdm->nkm", x, gate, index, key)
+        h = jax.nn.silu(g) * self._project("up", "nd,nkdm->nkm", x, up, index, key)
+        y = self._project("down", "nkm,nkmd->nkd", h, down, index, key)
         return jnp.einsum("nkd,nk->nd", y, weights.astype(dt))
 
     def _dense(self, x: jax.Array, weights: jax.Array, index: jax.Array) -> jax.Array:
@@ -162,12 +171,8 @@ class MoE(nnx.Module):
         key = self._dropout_key()  # drawn here: random state cannot change inside lax.map
 
         def chunk(xc: jax.Array, cc: jax.Array, k: jax.Array | None = key) -> jax.Array:
-            g = jnp.einsum("nd,edm->nem", xc, gate)
-            u = jnp.einsum("nd,edm->nem", xc, up)
-            if "gate" in self.lora_kinds:
-                g = (g + self._delta("gate", xc, None, k)).astype(dt)
-            if "up" in self.lora_kinds:
-                u = (u + self._delta("up", xc, None, k)).astype(dt)
+            g = self._project("gate", "nd,edm->nem", xc, gate, None, k)
+            u = self._project("up", "nd,edm->nem", xc, up, None, k)
             h = constrain(jax.nn.silu(g) * u, (None, "expert", "mlp"))
             out = jnp.einsum("nem,emd,ne->nd", h, down, cc)
             if "down" in self.lora_kinds:
