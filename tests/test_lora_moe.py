@@ -164,6 +164,46 @@ def test_export_peft_load_model_and_merge(
         np.testing.assert_allclose(_ours(merged, ids), ours, atol=1e-4, rtol=1e-4)
 
 
+def test_transformers4_per_expert_adapters_load(mixtral: tuple[Path, Any], tmp_path: Path) -> None:
+    """An adapter written for transformers 4's per-expert modules (target_modules w1, w3, w2;
+    one A, B per expert): PEFT on transformers 5 converts it; load_model reads it as ours."""
+    import json
+
+    import peft
+    from safetensors.numpy import save_file
+
+    directory, base = mixtral
+    lora = LoraConfig(rank=RANK, alpha=ALPHA, targets=("q", "gate", "up", "down"))
+    model = apply_lora(base, lora)
+    _randomise(model, seed=7)
+    tensors = {}
+    for key, (a, b) in lora_pairs(model).items():
+        _, i, part, weight = key.split("/")
+        prefix = f"base_model.model.model.layers.{i}."
+        if part == "attn":
+            tensors[f"{prefix}self_attn.q_proj.lora_A.weight"] = np.asarray(a).T.copy()
+            tensors[f"{prefix}self_attn.q_proj.lora_B.weight"] = np.asarray(b).T.copy()
+            continue
+        w = {"gate": "w1", "up": "w3", "down": "w2"}[weight]
+        for j in range(base.config.num_experts):
+            name = f"{prefix}block_sparse_moe.experts.{j}.{w}"
+            tensors[f"{name}.lora_A.weight"] = np.asarray(a[j]).T.copy()  # [r, in]
+            tensors[f"{name}.lora_B.weight"] = np.asarray(b[j]).T.copy()  # [out, r]
+    out = tmp_path / "v4"
+    out.mkdir()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0}
+    config["target_modules"] = ["q_proj", "w1", "w2", "w3"]
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    pm = peft.PeftModel.from_pretrained(_hf(directory), out).eval()
+    loaded = mistral_nnx.load_model(directory, adapters=out, progress=False)
+    for shape in (GATHERED, DENSE):
+        ids = _ids(shape, seed=5)
+        ours = _ours(model, ids)
+        np.testing.assert_allclose(_theirs(pm, ids), ours, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(_ours(loaded, ids), ours, atol=1e-4, rtol=1e-4)
+
+
 def test_training_changes_only_adapters(mixtral: tuple[Path, Any], tmp_path: Path) -> None:
     """A few steps (expert dropout on) lower the loss and change only the adapters; the
     checkpoint restores them; without_dropout makes the model deterministic again."""

@@ -18,6 +18,8 @@ one A per expert in PEFT, where ours are separate adapters of rank r. The mappin
   adapter is exported at rank r with zero up (gate) rows of B.
 - import: a gate_up_proj adapter of rank r gives our gate and up adapters the same A (a B half
   that is not zero needs that target); one of rank 2r must be block diagonal as above.
+  Adapters written for transformers 4's per-expert modules (target_modules w1, w3, w2:
+  `block_sparse_moe.experts.J.w1.lora_A.weight` [r, D], ...) are our gate, up, down as they are.
 PEFT refuses dropout on parameter adapters, so an export with experts says lora_dropout 0.
 """
 
@@ -57,6 +59,8 @@ _TARGET_OF = {v.split(".")[-1]: k for k, v in HF_MODULES.items()}  # q_proj -> w
 _SHORT = {"wq": "q", "wk": "k", "wv": "v", "wo": "o", "gate": "gate", "up": "up", "down": "down"}
 # PEFT's expert parameters (transformers 5 Mixtral) -> our stacked experts, in PEFT's wrapping order
 EXPERT_PARAMS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
+# transformers 4's per-expert Mixtral modules (block_sparse_moe.experts.J.w1 ...), read too
+V4_EXPERTS = {"w1": "gate", "w3": "up", "w2": "down"}
 
 
 # ---- Hugging Face names and layouts --------------------------------------------------------
@@ -254,7 +258,12 @@ def peft_tensors(model: Mistral) -> dict[str, np.ndarray]:
 def _set_expert_tensors(
     layer: int, moe: MoE, tensors: Mapping[str, np.ndarray], source: str, seen: set[str]
 ) -> None:
-    """PEFT's gate_up_proj / down_proj adapters into a MoE module's per-expert adapters."""
+    """PEFT's gate_up_proj / down_proj (or per-expert w1 / w3 / w2) adapters into a MoE
+    module's per-expert adapters."""
+    v4 = f"{PEFT_PREFIX}{layer}.block_sparse_moe.experts.0."
+    if any(name.startswith(v4) for name in tensors):
+        _set_v4_expert_tensors(layer, moe, tensors, source, seen)
+        return
     params = _expert_params(moe)
     e = moe.num_experts
     for param in params:
@@ -289,6 +298,30 @@ def _set_expert_tensors(
                 f"{source}: adapter '{prefix}lora_B.weight' changes outputs that this model's "
                 f"expert adapters ({', '.join(moe.lora_kinds)}) cannot express"
             )
+
+
+def _set_v4_expert_tensors(
+    layer: int, moe: MoE, tensors: Mapping[str, np.ndarray], source: str, seen: set[str]
+) -> None:
+    """transformers 4's per-expert adapters (lora_A [r, in], lora_B [out, r] of expert J's w1,
+    w3, w2) stacked into ours (A [E, in, r], B [E, r, out])."""
+    module = {kind: w for w, kind in V4_EXPERTS.items()}
+    for kind in moe.lora_kinds:
+        for x in "ab":
+            names = [
+                f"{PEFT_PREFIX}{layer}.block_sparse_moe.experts.{j}.{module[kind]}"
+                f".lora_{x.upper()}.weight"
+                for j in range(moe.num_experts)
+            ]
+            value = np.stack([_tensor(tensors, n, source, seen).T for n in names])
+            var = getattr(moe, f"{kind}_lora_{x}")
+            if value.shape != var.get_value().shape:
+                want = list(var.get_value().shape[:0:-1])
+                raise MistralNNXError(
+                    f"{source}: adapter tensor '{names[0]}' has shape {list(value.shape[:0:-1])}, "
+                    f"expected {want}"
+                )
+            var.set_value(jnp.asarray(value, jnp.float32))
 
 
 def _tensor(tensors: Mapping[str, np.ndarray], name: str, source: str, seen: set[str]) -> Any:
@@ -412,6 +445,9 @@ def read_adapter_config(directory: Path, moe: bool = False) -> LoraConfig:
         raise MistralNNXError(f"{path}: a regex target_modules is not supported")
     short = []
     for t in targets:
+        if moe and str(t) in V4_EXPERTS:
+            short.append(V4_EXPERTS[str(t)])
+            continue
         weight = _TARGET_OF.get(str(t))
         if weight is None or (moe and weight in ("gate", "up", "down")):  # (experts: below)
             raise MistralNNXError(f"{path}: unsupported target module {t!r}")
