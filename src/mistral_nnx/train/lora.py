@@ -12,6 +12,11 @@ On top of qwix, the provider below:
 - intercepts `forward` (what `__call__` and the inference engine both call) and applies dropout
   only while the model holds dropout random state (training).
 
+Mixture-of-experts models: qwix adapts the attention projections; the stacked experts (gate, up,
+down [E, in, out]) get per-expert adapters A [E, in, r], B [E, r, out] that moe.py computes by
+hand (`MoE.add_lora`; why not qwix: see moe.py), added here after qwix's pass. The router is
+never a target.
+
 QLoRA (`quant="nf4" | "int4" | "int8"`): the same rule carries qwix's `weight_qtype`, so qwix
 quantises every projection of the decoder layers (LoRA targets or not, as bitsandbytes does) in
 blocks of `quant_block` along the contracted axis, and its quantised einsum / dot_general
@@ -37,6 +42,7 @@ from flax import nnx
 
 from mistral_nnx.errors import MistralNNXError
 from mistral_nnx.model import Mistral
+from mistral_nnx.moe import LORA_KINDS, MoE
 
 # Short names (as in PEFT's target_modules for Mistral) -> our weight paths.
 SHORT_TARGETS = {
@@ -308,10 +314,10 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
     base weights are then shared with `model` and the adapters initialised here from `seed`.
     With `config.quant` (QLoRA) the decoder layers' projections are quantised here instead.
 
-    Mixture-of-experts models get adapters (and may only target) the attention projections:
-    qwix's einsum LoRA over the stacked experts [E, D, M] would be one A shared by all experts
-    (not PEFT's per-expert adapters), and the experts' combine einsum has three operands, which
-    qwix's LoRA and quantisation refuse.
+    Mixture-of-experts models: the attention targets through qwix, the expert targets (gate, up,
+    down: the stacked experts) as per-expert adapters added to the MoE modules afterwards
+    (`MoE.add_lora`), initialised alike. QLoRA is refused: qwix cannot quantise the experts'
+    einsums (the combine has three operands).
     """
     import qwix
 
@@ -368,12 +374,14 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
             var.set_value(jnp.zeros(shape, jnp.float32))
         else:
             var.set_value(jnp.asarray(init_a(rng, shape)))
+    lora_model: Mistral = nnx.merge(graphdef, state)
+    if moe:
+        adapters += _add_expert_lora(lora_model, config, rng, shapes_only)
     if not adapters:
-        only = " (mixture-of-experts models: attention only, q, k, v, o)" if moe else ""
+        only = " (the mixture-of-experts router is never a target)" if moe else ""
         raise MistralNNXError(
             f"LoRA targets {list(config.targets)} match no weight of the model{only}"
         )
-    lora_model: Mistral = nnx.merge(graphdef, state)
     if config.quant:
         _quantise_base(lora_model, current, shapes_only)
     # qwix makes a new subclass (holding the intercepted __call__) on every call; one per
@@ -382,6 +390,33 @@ def apply_lora(model: Mistral, config: LoraConfig, seed: int = 0) -> Mistral:
     if config.dropout > 0:
         lora_model.set_attributes(qwix_rngs=nnx.Rngs(dropout=seed + 1), raise_if_not_found=False)
     return lora_model
+
+
+def _add_expert_lora(
+    model: Mistral, config: LoraConfig, rng: np.random.Generator, shapes_only: bool
+) -> int:
+    """Per-expert adapters (A he-uniform per expert, B = 0, float32) on the stacked experts that
+    the targets name ("layers/0/mlp/gate"); returns how many weights got them."""
+    patterns = [re.compile(p) for p in config.patterns]
+    r, added = config.rank, 0
+    for i, layer in enumerate(model.layers):
+        moe = layer.mlp
+        if not isinstance(moe, MoE):
+            continue
+        for kind in LORA_KINDS:
+            if not any(p.fullmatch(f"layers/{i}/mlp/{kind}") for p in patterns):
+                continue
+            e, d_in, d_out = getattr(moe, kind).get_value().shape
+            a_shape, b_shape = (e, d_in, r), (e, r, d_out)
+            if shapes_only:
+                a: Any = jax.ShapeDtypeStruct(a_shape, jnp.float32)
+                b: Any = jax.ShapeDtypeStruct(b_shape, jnp.float32)
+            else:
+                a = jnp.asarray(np.stack([init_a(rng, (d_in, r)) for _ in range(e)]))
+                b = jnp.zeros(b_shape, jnp.float32)
+            moe.add_lora(kind, a, b, config.scaling, config.dropout)
+            added += 1
+    return added
 
 
 def _quantise_base(model: Mistral, current: dict[Any, Any], shapes_only: bool) -> None:
@@ -470,7 +505,8 @@ def count_params(model: nnx.Module, kind: type = nnx.Param) -> int:
 
 
 def lora_pairs(model: Mistral) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{"layers/0/attn/wq": (A, B), ...}: A [in..., r], B [r, out...]."""
+    """{"layers/0/attn/wq": (A, B), ...}: A [in..., r], B [r, out...]; a mixture-of-experts
+    model's experts ("layers/0/mlp/gate"): A [E, in, r], B [E, r, out]."""
     out: dict[str, Any] = {}
     for path, v in nnx.iter_graph(model):
         if isinstance(v, nnx.LoRAParam):
@@ -480,11 +516,16 @@ def lora_pairs(model: Mistral) -> dict[str, tuple[jax.Array, jax.Array]]:
     return {k: (d["a"], d["b"]) for k, d in out.items()}
 
 
-def merged_delta(weight_shape: tuple[int, ...], a: jax.Array, b: jax.Array) -> jax.Array:
+def merged_delta(
+    weight_shape: tuple[int, ...], a: jax.Array, b: jax.Array, experts: bool = False
+) -> jax.Array:
     """The weight update (A @ B).T in the weight's layout (without the alpha / rank scaling).
 
     Every target weight is [out..., in...] (wq [h, e, d]; wo [d, h, e] is used as [d, h*e]);
-    qwix's adapters flatten to A [in, r], B [r, out]."""
+    qwix's adapters flatten to A [in, r], B [r, out]. Stacked experts (`experts`) are
+    [E, in, out], their adapters A [E, in, r], B [E, r, out]: the update is A_e @ B_e."""
+    if experts:
+        return jnp.einsum("eir,ero->eio", a, b).reshape(weight_shape)
     r = a.shape[-1]
     return (a.reshape(-1, r) @ b.reshape(r, -1)).T.reshape(weight_shape)
 
@@ -504,7 +545,8 @@ def merge_lora(model: Mistral, scaling: float) -> Mistral:
         value = current[path].reshape(var.get_value().shape)  # wo: [d, h*e] when quantised
         key = "/".join(map(str, path))
         if key in pairs:
-            delta = merged_delta(value.shape, *pairs[key]) * scaling
+            experts = model.config.is_moe and path[-2] == "mlp"
+            delta = merged_delta(value.shape, *pairs[key], experts=experts) * scaling
             value = (value.astype(jnp.float32) + delta).astype(value.dtype)
         var.set_value(value)
     merged: Mistral = nnx.merge(graphdef, state)
