@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/op_profile.py                          # decode, B=1, 16 tokens
     .venv/bin/python benchmarks/op_profile.py --batch 8 --prompt 1000  # decode at 1000 of context
     .venv/bin/python benchmarks/op_profile.py --prefill --prompt 128   # one prefill
+    .venv/bin/python benchmarks/op_profile.py --train lora             # one train step, 2 x 128
 
 SmolLM2-135M (the shipped GGUF, float32). After a warm-up, one `generate()` call is traced with
 `jax.profiler`; the events of XLA's worker threads are read back (`jax.profiler.ProfileData`)
@@ -74,8 +75,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--steps", type=int, default=32, help="decode steps traced")
     parser.add_argument("--prefill", action="store_true", help="profile the prefill instead")
+    parser.add_argument("--train", choices=["lora", "full"], help="profile one train step")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
+    if args.train:
+        return train_profile(args)
 
     model = mistral_nnx.load_model(_util.smollm2_gguf(), progress=False)
     model.config = model.config.replace(eos_token_ids=())
@@ -109,13 +113,6 @@ def main() -> None:
     out: list[Any] = []
     events = traced(lambda: out.append(jax.block_until_ready(real(*a, **k))))
     per = 1 if args.prefill else int((np.asarray(out[0][2]) >= 0).sum(axis=1).max())  # steps run
-    groups: dict[tuple[str, str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for kernel, ns in events:
-        shape, op = index.get(kernel, ("", ""))
-        key = (re.sub(r"\.\d+$", "", kernel), shape, op)
-        groups[key][0] += ns / 1e6 / per
-        groups[key][1] += 1 / per
-    total = sum(g[0] for g in groups.values())
     if args.prefill:
         seconds = _util.median([s["first_token_seconds"] for s in wall])
         what = f"prefill of B={args.batch} x {args.prompt} tokens: {1e3 * seconds:.1f} ms wall"
@@ -125,13 +122,59 @@ def main() -> None:
         what = (
             f"decode step, B={args.batch}, {args.prompt}-token prompt: {1e3 * seconds:.2f} ms wall"
         )
+    report(events, index, per, what, "prefill" if args.prefill else "step", args.top)
+
+
+def report(
+    events: list[tuple[str, int]], index: dict[str, Any], per: int, what: str, unit: str, top: int
+) -> None:
+    """Print the kernels grouped by (kind, output shape, JAX op), per `unit` (`per` of them)."""
+    groups: dict[tuple[str, str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for kernel, ns in events:
+        shape, op = index.get(kernel, ("", ""))
+        key = (re.sub(r"\.\d+$", "", kernel), shape, op)
+        groups[key][0] += ns / 1e6 / per
+        groups[key][1] += 1 / per
+    total = sum(g[0] for g in groups.values())
     print(_util.header(f"XLA op profile, SmolLM2-135M f32, {what}"))
-    print(f"kernel thread time {total:.2f} ms per {'prefill' if args.prefill else 'step'}")
+    print(f"kernel thread time {total:.2f} ms per {unit}")
     rows = [
         [kernel, shape, op, f"{ms:.3f}", f"{100 * ms / total:.1f}%", f"{count:.0f}"]
         for (kernel, shape, op), (ms, count) in sorted(groups.items(), key=lambda g: -g[1][0])
-    ][: args.top]
+    ][:top]
     print(_util.table(["kernel", "output", "jax op", "thread ms", "share", "count"], rows))
+
+
+def train_profile(args: argparse.Namespace) -> None:
+    """One train step (AdamW, clipping; LoRA r16 on the seven projections, or full) over a
+    batch of 2 x 128 random tokens, traced after two warm-up steps."""
+    import time
+
+    from flax import nnx
+
+    from mistral_nnx.train.lora import LoraConfig, apply_lora
+    from mistral_nnx.train.step import OptimConfig, Trainer, train_step
+
+    model = mistral_nnx.load_model(_util.smollm2_gguf(), progress=False)
+    lora = args.train == "lora"
+    if lora:
+        model = apply_lora(model, LoraConfig(16, 32.0))
+    optim = OptimConfig(steps=1000, lr=1e-4, schedule="constant", clip=1.0)
+    trainer = Trainer(model, optim, wrt=nnx.LoRAParam if lora else nnx.Param)
+    tokens = np.random.default_rng(0).integers(100, 40000, (2, 128)).astype(np.int32)
+    batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens, bool)}
+    wall = []
+    for _ in range(5):
+        start = time.perf_counter()
+        trainer.step(batch)
+        wall.append(time.perf_counter() - start)
+    t = trainer
+    fixed = (t.graphdef, t.wrt, t.sharder, t.optim, t.frozen)
+    index = hlo_index(train_step.lower(*fixed, t.state, t.put(batch)).compile().as_text())
+    state = jax.tree.map(lambda x: x.copy(), t.state)  # the step donates its state
+    events = traced(lambda: jax.block_until_ready(train_step(*fixed, state, t.put(batch))))
+    what = f"{args.train} train step, 2 x 128 tokens: {_util.median(wall[2:]):.3f} s wall"
+    report(events, index, 1, what, "step", args.top)
 
 
 if __name__ == "__main__":
