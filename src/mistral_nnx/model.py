@@ -29,8 +29,7 @@ from mistral_nnx.cache import KVCache, LayerKV
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.moe import MoE
 from mistral_nnx.rope import apply_rope, llama4_query_scale, rope_parameters, rope_tables
-from mistral_nnx.sharding import _ACTIVE as _ACTIVE_SHARDER
-from mistral_nnx.sharding import Sharder, constrain
+from mistral_nnx.sharding import Sharder, constrain, sharded_activations
 
 __all__ = ["Mistral", "apply_rope", "attend", "attend_chunk", "rope_tables"]
 
@@ -184,7 +183,7 @@ def attend_chunk(
     contiguous rows goes through jax.nn.dot_product_attention (cuDNN flash attention), chosen on
     the device (lax.cond: nothing recompiles); everything else calls `general()`, the
     explicit-mask attention. A single token (decode) always takes `general`."""
-    path = attention_path(q.dtype, q.shape[-1], sharded=_ACTIVE_SHARDER.get() is not None)
+    path = attention_path(q.dtype, q.shape[-1], sharded=sharded_activations())
     if path == "xla" or q.shape[1] == 1:
         return general()
     kernel: Literal["cudnn", "xla"] = "cudnn" if path == "cudnn" else "xla"

@@ -196,6 +196,11 @@ def activation_sharding(sharder: Sharder | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def sharded_activations() -> bool:
+    """Whether the code being traced runs under `activation_sharding` with a mesh."""
+    return _ACTIVE.get() is not None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """A sharding constraint on an activation, or nothing when no mesh is active."""
     sharder = _ACTIVE.get()
