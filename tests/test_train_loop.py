@@ -59,6 +59,13 @@ def test_resume_continues_exactly(setup: tuple[Path, Path], tmp_path: Path) -> N
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and "lr" in r for r in log)
     assert (tmp_path / "b" / "adapter" / "adapter_config.json").is_file()
     assert list_checkpoints(ckpts) == [4, 6]  # keep=2
+    # a checkpoint of a newer format is refused in one line, before anything is restored
+    meta_path = ckpts / "step_00000006" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == 2
+    meta_path.write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(MistralNNXError, match="newer mistral_nnx .checkpoint format 99"):
+        finetune(dataclasses.replace(interrupted, resume=True))
 
 
 def test_bad_settings(setup: tuple[Path, Path], tmp_path: Path) -> None:

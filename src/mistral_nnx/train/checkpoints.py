@@ -23,6 +23,9 @@ from mistral_nnx.errors import MistralNNXError
 
 _NAME = re.compile(r"step_(\d{8})")
 META = "meta.json"
+# 2: weights [out, in] (LoRA B of q/k/v as (r, H*E)). Checkpoints written before the layout
+# switch carry no format and cannot be resumed: orbax refuses their shapes.
+FORMAT = 2
 
 
 def _saved_vars(state: Any, wrt: Any) -> dict[str, nnx.Variable[Any]]:
@@ -59,7 +62,7 @@ def save_checkpoint(
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "state", arrays)
             ckptr.wait_until_finished()
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1))
+        (tmp / META).write_text(json.dumps({**meta, "step": step, "format": FORMAT}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -82,13 +85,21 @@ def restore_checkpoint(directory: Path, state: Any, wrt: Any) -> dict[str, Any]:
     path = directory / f"step_{steps[-1]:08d}"
     targets = _saved_vars(state, wrt)
     abstract = {k: _abstract(v.get_value()) for k, v in targets.items()}
+    version = None
     try:
+        meta: dict[str, Any] = json.loads((path / META).read_text())
+        version = meta.get("format")
+        if isinstance(version, int) and version > FORMAT:
+            raise MistralNNXError(
+                f"{path}: written by a newer mistral_nnx (checkpoint format {version}; this "
+                f"version reads up to {FORMAT})"
+            )
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / "state", abstract)
-        meta: dict[str, Any] = json.loads((path / META).read_text())
     except (OSError, ValueError, KeyError) as e:
+        older = " or by mistral_nnx before checkpoint format 2" if version is None else ""
         raise MistralNNXError(
-            f"{path}: cannot restore (written by a different setup?): {str(e)[:200]}"
+            f"{path}: cannot restore (written by a different setup{older}?): {str(e)[:200]}"
         ) from None
     for k, var in targets.items():
         old, value = var.get_value(), restored[k]
