@@ -91,16 +91,62 @@ def to_hf_layout(path: tuple[Any, ...], w: np.ndarray) -> np.ndarray:
     return w
 
 
+# transformers' class for each config.json model_type we write
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "ministral": "MinistralForCausalLM",
+    "ministral3": "Ministral3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
+
+
+def export_type(config: MistralConfig) -> str:
+    """The model_type written: ministral3 (llama_4 query scaling), mixtral (experts), llama,
+    ministral (per-layer windows) or mistral. A mistral3 wrapper's text model is written as its
+    text config's type: the vision tower is no part of our model, so it cannot be exported."""
+    mixed = len(set(config.layer_windows)) > 1
+    if config.llama4_scaling_beta is not None or config.is_moe:
+        model_type = "ministral3" if config.llama4_scaling_beta is not None else "mixtral"
+        if mixed:
+            raise MistralNNXError(
+                f"export: per-layer sliding windows on a {model_type} model (transformers' "
+                f"{ARCHITECTURES[model_type]} has one window for every layer)"
+            )
+        return model_type
+    if mixed:
+        return "ministral"
+    if config.model_type != "llama":
+        return "mistral"
+    if config.layer_windows[0] is not None:
+        raise MistralNNXError("export: a llama-type model with a sliding window")
+    return "llama"
+
+
+def _ministral3_rope(config: MistralConfig) -> dict[str, Any]:
+    """Ministral3's rope_parameters: YaRN's, the rope theta and the llama_4 beta, whose period
+    transformers takes from YaRN's original_max_position_embeddings."""
+    scaling = config.rope_scaling_dict
+    period = config.llama4_scaling_original_max
+    if scaling.get("rope_type") != "yarn" or scaling["original_max_position_embeddings"] != period:
+        raise MistralNNXError(
+            f"export: llama_4 query scaling (period {period}) without YaRN rope scaling of "
+            "the same original_max_position_embeddings (transformers' Ministral3 reads its "
+            "period there)"
+        )
+    return {
+        **scaling,
+        "rope_theta": config.rope_theta,
+        "llama_4_scaling_beta": config.llama4_scaling_beta,
+    }
+
+
 def hf_config(config: MistralConfig, dtype: str) -> dict[str, Any]:
-    """config.json for transformers (MistralForCausalLM, LlamaForCausalLM or Ministral)."""
-    if config.is_moe or config.wrapper or config.llama4_scaling_beta is not None:
-        raise MistralNNXError(f"export: {config.model_type} models are not supported yet")
-    windows = set(config.layer_windows)
-    model_type = config.model_type if config.model_type in ("mistral", "llama") else "mistral"
+    """config.json for transformers: MistralForCausalLM, LlamaForCausalLM, MinistralForCausalLM,
+    Ministral3ForCausalLM or MixtralForCausalLM (see export_type)."""
+    model_type = export_type(config)
     out: dict[str, Any] = {
-        "architectures": [
-            {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]
-        ],
+        "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -119,19 +165,43 @@ def hf_config(config: MistralConfig, dtype: str) -> dict[str, Any]:
         "hidden_act": "silu",
         "torch_dtype": dtype,
     }
-    if config.rope_scaling:
+    if model_type == "ministral3":
+        del out["rope_theta"]
+        out["rope_parameters"] = _ministral3_rope(config)
+    elif config.rope_scaling:
         out["rope_scaling"] = dict(config.rope_scaling_dict)
-    if len(windows) > 1:
-        out["model_type"] = "ministral"
-        out["architectures"] = ["MinistralForCausalLM"]
-        out["sliding_window"] = max(w for w in windows if w is not None)
+    if model_type == "ministral":
+        out["sliding_window"] = max(w for w in config.layer_windows if w is not None)
         out["layer_types"] = [
             "full_attention" if w is None else "sliding_attention" for w in config.layer_windows
         ]
-    elif model_type == "mistral":
-        out["sliding_window"] = next(iter(windows))
-    elif windows != {None}:
-        raise MistralNNXError("export: a llama-type model with a sliding window")
+    elif model_type != "llama":
+        out["sliding_window"] = config.layer_windows[0]
+    if model_type == "mixtral":
+        out["num_local_experts"] = config.num_experts
+        out["num_experts_per_tok"] = config.num_experts_per_tok
+        out["router_jitter_noise"] = 0.0
+    return out
+
+
+def hf_tensors(model: Mistral) -> dict[str, np.ndarray]:
+    """A plain model's weights under their HF names and layouts. Experts are written per expert
+    (`block_sparse_moe.experts.J.w1/w3/w2.weight` [out, in], router `block_sparse_moe.gate`):
+    the form transformers 5's save_pretrained writes and reads (renamed and packed into
+    `mlp.experts.gate_up_proj` at load), and every other Mixtral reader too."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        w = np.asarray(var[...])
+        if not (model.config.is_moe and path[2:3] == ("mlp",)):
+            out[hf_name(path)] = to_hf_layout(path, w)
+            continue
+        prefix = f"model.layers.{path[1]}.block_sparse_moe."
+        if path[3] == "router":  # [E, D]: already [out, in]
+            out[prefix + "gate.weight"] = w
+            continue
+        module = {kind: name for name, kind in V4_EXPERTS.items()}[str(path[3])]
+        for j in range(w.shape[0]):  # [E, in, out] -> expert j's [out, in]
+            out[f"{prefix}experts.{j}.{module}.weight"] = np.ascontiguousarray(w[j].T)
     return out
 
 
@@ -163,19 +233,21 @@ def save_merged_hf(
     overwrite: bool = False,
 ) -> Path:
     """model.safetensors + config.json (+ the tokenizer files) that transformers'
-    from_pretrained and load_model read. A LoRA model (with `lora`) is merged first."""
+    from_pretrained and load_model read. A LoRA model (with `lora`) is merged first.
+
+    Mixtral is written as MixtralForCausalLM (per-expert tensors, see hf_tensors), Ministral 3
+    as Ministral3ForCausalLM. A mistral3 vision-language checkpoint's text model is written
+    alone, as a text checkpoint of its text config's type (Ministral3ForCausalLM or
+    MistralForCausalLM): the vision tower and projector are never read into our model, so image
+    inputs still need the original checkpoint."""
     from safetensors.numpy import save_file
 
     plain = merge_lora(model, lora.scaling) if lora is not None else model
-    dtype = str(np.dtype(plain.embed[...].dtype))
-    tensors = {
-        hf_name(path): to_hf_layout(path, np.asarray(var[...]))
-        for path, var in nnx.to_flat_state(nnx.state(plain, nnx.Param))
-    }
+    config = hf_config(plain.config, str(np.dtype(plain.embed[...].dtype)))
+    tensors = hf_tensors(plain)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = hf_config(plain.config, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         for f in tokenizer_files:
             shutil.copy2(f, tmp / Path(f).name)
