@@ -144,3 +144,31 @@ def test_finetune_save_merged_on_mixtral(
     assert float(jnp.abs(logits(merged, ids) - logits(before, ids)).max()) > 1e-3  # it trained
     np.testing.assert_allclose(logits(merged, ids), logits(adapted, ids), atol=1e-5)
     assert (out / "merged" / "tokenizer.json").is_file()
+
+
+def test_finetune_refuses_an_unexportable_model_before_training(tmp_path: Path) -> None:
+    """--full (or --save-merged) on a model the final export would refuse fails at the start,
+    not after the training: nothing is written."""
+    from train_fixtures import CHATS, VOCAB, write_jsonl, write_tokenizer
+
+    from mistral_nnx.config import MistralConfig
+    from mistral_nnx.train.loop import FinetuneConfig, finetune
+    from mistral_nnx.train.step import OptimConfig
+
+    config = MistralConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+        num_kv_heads=2, head_dim=8, layer_windows=(8, None), model_type="mixtral",
+        num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    write_tokenizer(tmp_path)
+    tokenizer = mistral_nnx.load_tokenizer(tmp_path / "tokenizer.json")
+    data = write_jsonl(tmp_path / "train.jsonl", CHATS)
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(
+        model="unused", data=str(data), out=str(out), lora=None, optim=OptimConfig(steps=2),
+        batch_size=2, seq_len=32, progress=False,
+    )  # fmt: skip
+    model = mistral_nnx.Mistral(config)
+    with pytest.raises(mistral_nnx.MistralNNXError, match="per-layer sliding windows"):
+        finetune(cfg, model=model, tokenizer=tokenizer)
+    assert not out.exists()

@@ -129,6 +129,10 @@ def finetune(
         raise MistralNNXError(
             f"seq_len (--seq-len) {cfg.seq_len} exceeds the model's context length {context}"
         )
+    if cfg.lora is None or cfg.save_merged:
+        from mistral_nnx.train.export import hf_config
+
+        hf_config(model.config, "float32")  # a model the end's export refuses fails now, not then
     examples = load_examples(cfg.data, tokenizer, cfg.seq_len)
     eval_examples = load_examples(cfg.eval_data, tokenizer, cfg.seq_len) if cfg.eval_data else []
     ckpt_dir = out / "checkpoints"
