@@ -36,10 +36,10 @@ from mistral_nnx.engine import (
     StopRules,
     _bucket,
     _decode,
-    _prefill_chunk,
     _RowOutput,
     _start,
     check_top_logprobs,
+    prefill,
     row_keys,
     top_pairs,
 )
@@ -308,25 +308,11 @@ class Engine:
         n = len(ids)
         cache = init_cache(self.config, 1, self.max_seq_len, self.model.dtype, self._cache_sharding)
         padded_len = _bucket(n, self.min_bucket, self.prefill_chunk)
-        tokens = np.zeros((1, padded_len), np.int32)
-        tokens[0, :n] = ids
         chunk = min(padded_len, self.prefill_chunk)
-        lengths = jnp.asarray([n], jnp.int32)
-        logits = jnp.zeros((1, self.config.vocab_size), jnp.float32)
-        for start in range(0, n, chunk):
-            positions = np.arange(start, start + chunk, dtype=np.int32)[None]
-            cache, logits = _prefill_chunk(
-                self._graphdef,
-                self._params,
-                cache,
-                jnp.asarray(tokens[:, start : start + chunk]),
-                jnp.asarray(positions),
-                lengths,
-                logits,
-                self._sharder,
-                fresh=start == 0,
-            )
-        return cache, logits
+        vocab = self.config.vocab_size
+        return prefill(
+            self._graphdef, self._params, cache, [ids], padded_len, chunk, vocab, self._sharder
+        )
 
     def _admit(self, slot: int, handle: RequestHandle) -> None:
         request = handle.request

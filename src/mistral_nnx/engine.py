@@ -130,6 +130,41 @@ def _prefill_chunk(
         return new_cache, jnp.where(here[:, None], logits, last_logits)
 
 
+def prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    prompts: Sequence[Sequence[int]],
+    padded_len: int,
+    chunk: int,
+    vocab_size: int,
+    sharder: Sharder | None,
+) -> tuple[KVCache, jax.Array]:
+    """Prompts (right-padded to `padded_len`) through `cache` in chunks of `chunk` tokens;
+    returns the cache and each prompt's last-token logits [B, vocab]. Chunks past the longest
+    prompt are pure padding and skipped. Shared by `stream` and the batching engine."""
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    tokens = np.zeros((b, padded_len), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    logits = jnp.zeros((b, vocab_size), jnp.float32)
+    for start in range(0, min(padded_len, longest), chunk):
+        positions = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (b, chunk))
+        cache, logits = _prefill_chunk(
+            graphdef,
+            params,
+            cache,
+            jnp.asarray(tokens[:, start : start + chunk]),
+            jnp.asarray(positions),
+            lengths,
+            logits,
+            sharder,
+            fresh=start == 0,
+        )
+    return cache, logits
+
+
 def _finish_check(state: DecodeState, new: jax.Array, rules: StopRules) -> DecodeState:
     """Update history/count/done after emitting `new` [B] for the rows not yet done."""
     active = ~state.done
@@ -434,27 +469,11 @@ def stream(
     t0 = time.perf_counter()
     cache_sharding = None if sharder is None else functools.partial(sharder, strict=False)
     cache = init_cache(config, b, cache_len, model.dtype, cache_sharding)
-    tokens = np.zeros((b, prompt_len), np.int32)
-    for i, p in enumerate(ids):
-        tokens[i, : len(p)] = p
-    lengths_arr = jnp.asarray(lengths, jnp.int32)
     chunk = min(prompt_len, options.prefill_chunk)
-    last_logits = jnp.zeros((b, config.vocab_size), jnp.float32)
-    for start in range(0, prompt_len, chunk):
-        if start >= max(lengths):
-            break  # a chunk of pure padding changes nothing
-        pos = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (b, chunk))
-        cache, last_logits = _prefill_chunk(
-            graphdef,
-            params,
-            cache,
-            jnp.asarray(tokens[:, start : start + chunk]),
-            jnp.asarray(pos),
-            lengths_arr,
-            last_logits,
-            sharder,
-            fresh=start == 0,
-        )
+    cache, last_logits = prefill(
+        graphdef, params, cache, ids, prompt_len, chunk, config.vocab_size, sharder
+    )
+    lengths_arr = jnp.asarray(lengths, jnp.int32)
     history_len = max(1, rules.sequences.shape[1])
     state = DecodeState(
         token=jnp.zeros((b,), jnp.int32),
