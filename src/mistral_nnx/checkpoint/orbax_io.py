@@ -82,8 +82,9 @@ def save_model(
         # time (1.16 -> 0.78 s, benchmarks/RESULTS.md section 7), for files 1.6x larger on its
         # dequantised weights; random-like bf16/f32 weights shrank only ~12% compressed.
         handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False)
-        with ocp.Checkpointer(handler) as ckptr:
+        with ocp.AsyncCheckpointer(handler) as ckptr:
             ckptr.save(tmp / "state", args=ocp.args.PyTreeSave(_str_keys(state)))
+            ckptr.wait_until_finished()
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
         if write_extra is not None:
