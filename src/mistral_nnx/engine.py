@@ -149,7 +149,7 @@ def prefill(
         tokens[i, : len(p)] = p
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     logits = jnp.zeros((b, vocab_size), jnp.float32)
-    for start in range(0, min(padded_len, longest), chunk):
+    for start in range(0, longest, chunk):  # padded_len >= longest: the rest is padding
         positions = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (b, chunk))
         cache, logits = _prefill_chunk(
             graphdef,
