@@ -246,6 +246,53 @@ def test_cache_is_donated_to_the_step_functions(window16):
     assert not new_cache.layers[0].k.is_deleted()
 
 
+def test_short_lived_prefill_without_ynnpack(window16, monkeypatch):
+    """EngineOptions(short_lived=True) (the CLI's): a one-chunk prompt goes through the prefill
+    compiled without YNNPACK fusions, a longer one through the usual program; both give
+    transformers' logits and the usual greedy tokens."""
+    from flax import nnx
+
+    model, hf_model = window16
+    graphdef, params = nnx.split(model)
+    vocab = model.config.vocab_size
+    text = {}
+    for name, step in (("plain", engine._prefill_chunk_plain), ("usual", engine._prefill_chunk)):
+        cache = init_cache(model.config, 8, 64)
+        args = (jnp.zeros((8, 32), jnp.int32), jnp.zeros((8, 32), jnp.int32))
+        lowered = step.lower(
+            graphdef, params, cache, *args, args[0][:, 0], jnp.zeros((8, vocab)), None
+        )
+        text[name] = lowered.compile().as_text()
+    if jax.default_backend() == "cpu":
+        assert "%ynn_fusion" in text["usual"] and "%ynn_fusion" not in text["plain"]
+
+    ids = _ids(30, 4)
+    reference = _hf_full_logits(hf_model, ids)[-1]
+    used = []
+    for name in ("_prefill_chunk", "_prefill_chunk_plain"):
+        real = getattr(engine, name)
+        spy = lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(engine, name, spy)
+    cases = (
+        (True, 32, "_prefill_chunk_plain"),
+        (True, 16, "_prefill_chunk"),
+        (False, 32, "_prefill_chunk"),
+    )
+    for short_lived, chunk, program in cases:
+        used.clear()
+        cache = init_cache(model.config, 1, 64)
+        _, logits = engine.prefill(
+            graphdef, params, cache, [ids], 32, chunk, vocab, None, short_lived
+        )
+        assert np.abs(np.asarray(logits[0]) - reference).max() < 1e-4
+        assert set(used) == {program}, (short_lived, chunk, used)
+    usual = generate(model, [ids], max_new_tokens=12)[0].tokens
+    options = EngineOptions(short_lived=True)
+    assert generate(model, [ids], max_new_tokens=12, options=options)[0].tokens == usual
+    with pytest.raises(MistralNNXError, match="EngineOptions.short_lived must be True or False"):
+        EngineOptions(short_lived=1)  # type: ignore[arg-type]
+
+
 def test_out_of_vocab_prompt_and_bad_options(window16):
     model, _ = window16
     with pytest.raises(MistralNNXError, match=r"prompts\[0\] has token id 5000 outside"):

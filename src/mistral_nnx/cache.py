@@ -12,6 +12,7 @@ step: 5x the attention time at C = 1024 (benchmarks/RESULTS.md section 10).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -84,24 +85,40 @@ def init_cache(
     """
     if batch <= 0 or max_len <= 0:
         raise MistralNNXError(f"cache: batch ({batch}) and max_len ({max_len}) must be positive")
+    layout = tuple(layer_capacity(window, max_len) for window in config.layer_windows)
+    heads, e = config.num_kv_heads, config.head_dim
+    if sharding is None:  # one program for all the layers' buffers, not three per layer
+        return _empty_cache(layout, batch, heads, e, jnp.dtype(dtype))
     layers = []
-    for window in config.layer_windows:
-        slots, ring = layer_capacity(window, max_len)
-        heads, e = config.num_kv_heads, config.head_dim
+    for slots, ring in layout:
         k_axes = ("batch", "kv_heads", None, "head_dim")
         v_axes = ("batch", "kv_heads", "head_dim", None)
         k = _zeros((batch, heads, slots, e), dtype, k_axes, sharding)
         v = _zeros((batch, heads, e, slots), dtype, v_axes, sharding)
         pos = jnp.full((batch, slots), -1, jnp.int32)
-        if sharding is not None:
-            pos = jax.device_put(pos, sharding(pos.shape, ("batch", None)))
+        pos = jax.device_put(pos, sharding(pos.shape, ("batch", None)))
         layers.append(LayerKV(k, v, pos, ring))
     return KVCache(tuple(layers))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _empty_cache(
+    layout: tuple[tuple[int, bool], ...], batch: int, heads: int, head_dim: int, dtype: Any
+) -> KVCache:
+    return KVCache(
+        tuple(
+            LayerKV(
+                k=jnp.zeros((batch, heads, slots, head_dim), dtype),
+                v=jnp.zeros((batch, heads, head_dim, slots), dtype),
+                pos=jnp.full((batch, slots), -1, jnp.int32),
+                ring=ring,
+            )
+            for slots, ring in layout
+        )
+    )
 
 
 def _zeros(
     shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...], sharding: Any
 ) -> jax.Array:
-    if sharding is None:
-        return jnp.zeros(shape, dtype)
     return jnp.zeros(shape, dtype, device=sharding(shape, axes))  # made in place, per shard

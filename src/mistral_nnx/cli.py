@@ -491,7 +491,7 @@ class _Session:
             top_p=args.top_p,
             min_p=args.min_p,
             seed=args.seed,
-            options=EngineOptions(max_seq_len=args.max_seq_len),
+            options=EngineOptions(max_seq_len=args.max_seq_len, short_lived=True),
             stats=stats,
         )
         for delta in deltas:

@@ -62,6 +62,13 @@ class EngineOptions:
     prefill_chunk: int = 512  # prompt tokens per prefill call (chunked prefill)
     decode_steps: int = 32  # decode steps per host round trip
     min_bucket: int = 16  # smallest prompt-length bucket
+    # The process runs each prefill program about once (the CLI). On CPU a prompt that fits in
+    # one chunk is then prefilled without XLA's YNNPACK dot library: YNNPACK sets up each of its
+    # fused ops on a program's first run in a process (~4 ms each, 1.5 s for SmolLM2's 389), which
+    # costs more than its faster products save on one run (T=64: 0.31 s plain against 1.6 s,
+    # T=512: 1.6 s against 3.0 s; benchmarks/RESULTS.md section 12). Repeated runs (servers,
+    # benchmarks, the Python API by default) keep it: 2.2x faster at T=64 once set up.
+    short_lived: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prefill_chunk", "decode_steps", "min_bucket"):
@@ -70,6 +77,10 @@ class EngineOptions:
                 raise MistralNNXError(
                     f"EngineOptions.{name} must be a positive integer, got {value!r}"
                 )
+        if not isinstance(self.short_lived, bool):
+            raise MistralNNXError(
+                f"EngineOptions.short_lived must be True or False, got {self.short_lived!r}"
+            )
         if self.max_seq_len is not None and (
             not isinstance(self.max_seq_len, int) or self.max_seq_len < 1
         ):
@@ -101,10 +112,7 @@ class StopRules:
 # ---- jitted step functions (module level: one compile cache shared by every call) -----------
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "sharder", "fresh"), donate_argnames=("cache",)
-)
-def _prefill_chunk(
+def _prefill_body(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     cache: KVCache,
@@ -130,6 +138,16 @@ def _prefill_chunk(
         return new_cache, jnp.where(here[:, None], logits, last_logits)
 
 
+_jit_prefill = functools.partial(
+    jax.jit, static_argnames=("graphdef", "sharder", "fresh"), donate_argnames=("cache",)
+)
+_prefill_chunk = _jit_prefill(_prefill_body)
+# XLA:CPU's own dot emitter instead of YNNPACK's (see EngineOptions.short_lived).
+_prefill_chunk_plain = _jit_prefill(
+    _prefill_body, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}
+)
+
+
 def prefill(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -139,24 +157,30 @@ def prefill(
     chunk: int,
     vocab_size: int,
     sharder: Sharder | None,
+    short_lived: bool = False,
 ) -> tuple[KVCache, jax.Array]:
     """Prompts (right-padded to `padded_len`) through `cache` in chunks of `chunk` tokens;
     returns the cache and each prompt's last-token logits [B, vocab]. Chunks past the longest
-    prompt are pure padding and skipped. Shared by `stream` and the batching engine."""
+    prompt are pure padding and skipped. Shared by `stream` and the batching engine.
+    `short_lived`: see EngineOptions."""
     b, longest = len(prompts), max(len(p) for p in prompts)
     tokens = np.zeros((b, padded_len), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    logits = jnp.zeros((b, vocab_size), jnp.float32)
+    # Host arrays go in by device_put: a jnp constructor would trace and dispatch a small
+    # program of its own, a few ms each in a fresh process (cold start).
+    lengths = jax.device_put(np.asarray([len(p) for p in prompts], np.int32))
+    logits = jax.device_put(np.zeros((b, vocab_size), np.float32))
+    one_run = short_lived and longest <= chunk and jax.default_backend() == "cpu"
+    step = _prefill_chunk_plain if one_run else _prefill_chunk
     for start in range(0, longest, chunk):  # padded_len >= longest: the rest is padding
         positions = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (b, chunk))
-        cache, logits = _prefill_chunk(
+        cache, logits = step(
             graphdef,
             params,
             cache,
-            jnp.asarray(tokens[:, start : start + chunk]),
-            jnp.asarray(positions),
+            jax.device_put(tokens[:, start : start + chunk]),
+            jax.device_put(positions),
             lengths,
             logits,
             sharder,
@@ -223,8 +247,14 @@ def row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
     if bad:
         raise MistralNNXError(f"seed must be in [0, 2**64), got {bad[0]}")
     words = np.array([[x >> 32, x & 0xFFFFFFFF] for x in seeds], np.uint32)
-    keys = jax.vmap(jax.random.wrap_key_data)(jnp.asarray(words))
-    return jax.vmap(jax.random.fold_in)(keys, jnp.asarray(indices, jnp.uint32))
+    return _fold_keys(words, np.asarray(indices, np.uint32))
+
+
+@jax.jit
+def _fold_keys(words: jax.Array, indices: jax.Array) -> jax.Array:
+    """Key data [B, 2] folded with [B] indices; one program rather than one per op."""
+    keys = jax.vmap(jax.random.wrap_key_data)(words)
+    return jax.vmap(jax.random.fold_in)(keys, indices)
 
 
 def _is_int(value: object) -> bool:
@@ -403,7 +433,8 @@ def _stop_rules(
     for row, seq in zip(table, sequences, strict=True):
         row[width - len(seq) :] = seq
     eos = np.asarray(list(eos_ids) or [-3], np.int32)
-    rules = StopRules(jnp.asarray(eos), jnp.asarray(table), jnp.asarray(max_new, jnp.int32))
+    put = jax.device_put  # not jnp.asarray: no program per array (cold start)
+    rules = StopRules(put(eos), put(table), put(np.asarray(max_new, np.int32)))
     return rules, strings, sequences
 
 
@@ -471,17 +502,25 @@ def stream(
     cache = init_cache(config, b, cache_len, model.dtype, cache_sharding)
     chunk = min(prompt_len, options.prefill_chunk)
     cache, last_logits = prefill(
-        graphdef, params, cache, ids, prompt_len, chunk, config.vocab_size, sharder
+        graphdef,
+        params,
+        cache,
+        ids,
+        prompt_len,
+        chunk,
+        config.vocab_size,
+        sharder,
+        options.short_lived,
     )
-    lengths_arr = jnp.asarray(lengths, jnp.int32)
     history_len = max(1, rules.sequences.shape[1])
+    put = jax.device_put  # host arrays in without a program each (cold start)
     state = DecodeState(
-        token=jnp.zeros((b,), jnp.int32),
-        position=lengths_arr - 1,
-        done=jnp.zeros((b,), bool),
-        finish=jnp.zeros((b,), jnp.int32),
-        count=jnp.zeros((b,), jnp.int32),
-        history=jnp.full((b, history_len), -1, jnp.int32),
+        token=put(np.zeros((b,), np.int32)),
+        position=put(np.asarray(lengths, np.int32) - 1),
+        done=put(np.zeros((b,), bool)),
+        finish=put(np.zeros((b,), np.int32)),
+        count=put(np.zeros((b,), np.int32)),
+        history=put(np.full((b, history_len), -1, np.int32)),
         key=keys,
     )
     state, out_tok, out_lp, top_ids, top_lp = _start(

@@ -90,14 +90,15 @@ class BatchSampling:
         for i, row in enumerate(rows):
             if not isinstance(row, SamplingParams):
                 raise MistralNNXError(f"params[{i}] must be a SamplingParams, got {row!r}")
+        # device_put, not jnp constructors: no small program per field (cold start).
         return BatchSampling(
-            temperature=jnp.asarray(np.array([r.temperature for r in rows], np.float32)),
+            temperature=jax.device_put(np.array([r.temperature for r in rows], np.float32)),
             # k beyond the vocabulary keeps everything; clamp so that it fits int32.
-            top_k=jnp.asarray(np.array([min(r.top_k or 0, 2**31 - 1) for r in rows], np.int32)),
-            top_p=jnp.asarray(
+            top_k=jax.device_put(np.array([min(r.top_k or 0, 2**31 - 1) for r in rows], np.int32)),
+            top_p=jax.device_put(
                 np.array([1.0 if r.top_p is None else r.top_p for r in rows], np.float32)
             ),
-            min_p=jnp.asarray(np.array([r.min_p or 0.0 for r in rows], np.float32)),
+            min_p=jax.device_put(np.array([r.min_p or 0.0 for r in rows], np.float32)),
         )
 
 
