@@ -58,15 +58,7 @@ def step_memory(trainer: Any, batch: dict[str, np.ndarray]) -> float:
     """GB XLA reserves for one compiled train step."""
     from mistral_nnx.train.step import train_step
 
-    compiled = train_step.lower(
-        trainer.graphdef,
-        trainer.wrt,
-        None,
-        trainer.optim,
-        trainer.frozen,
-        trainer.state,
-        trainer.put(batch),
-    ).compile()
+    compiled = train_step.lower(*trainer.step_args(batch)).compile()
     m = compiled.memory_analysis()
     used = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
     return (used - m.alias_size_in_bytes) / 1e9

@@ -169,10 +169,10 @@ def train_profile(args: argparse.Namespace) -> None:
         trainer.step(batch)
         wall.append(time.perf_counter() - start)
     t = trainer
-    fixed = (t.graphdef, t.wrt, t.sharder, t.optim, t.frozen)
-    index = hlo_index(train_step.lower(*fixed, t.state, t.put(batch)).compile().as_text())
-    state = jax.tree.map(lambda x: x.copy(), t.state)  # the step donates its state
-    events = traced(lambda: jax.block_until_ready(train_step(*fixed, state, t.put(batch))))
+    args = t.step_args(batch)
+    index = hlo_index(train_step.lower(*args).compile().as_text())
+    state = [x.copy() for x in args[5]]  # the step donates its state
+    events = traced(lambda: jax.block_until_ready(train_step(*args[:5], state, args[6])))
     what = f"{args.train} train step, 2 x 128 tokens: {_util.median(wall[2:]):.3f} s wall"
     report(events, index, 1, what, "step", args.top)
 

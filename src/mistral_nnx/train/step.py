@@ -88,42 +88,78 @@ def _transformation(optim: OptimConfig) -> optax.GradientTransformation:
     return optim.transformation()
 
 
+class HashedOnce:
+    """A static jit argument hashed once. jax hashes the static arguments on every dispatch, and
+    flax's GraphDef rehashes its whole node tree each time (8 ms for SmolLM2 under LoRA)."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HashedOnce):
+            return NotImplemented
+        return self.value is other.value or (
+            self._hash == other._hash and self.value == other.value
+        )
+
+
 def _frozen(wrt: Any) -> Any:
     """The weights a step reads but does not train (the base model under LoRA)."""
     return nnx.All(nnx.Param, nnx.Not(wrt))
 
 
+# The step takes and returns the variables as flat lists of arrays, their tree structures static:
+# passing nnx.State itself made jax flatten ~1,500 Variables and build ~1,300 new ones around the
+# outputs in Python on every call, 28 ms of dispatch per step (benchmarks/RESULTS.md section 6).
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 def train_step(
-    graphdef: Any,
+    structure: HashedOnce,
     wrt: Any,
     sharder: Sharder | None,
     optim: OptimConfig,
-    frozen: Any,
-    state: Any,
+    frozen: list[jax.Array],
+    state: list[jax.Array],
     batch: Mapping[str, jax.Array],
-) -> tuple[Any, dict[str, jax.Array]]:
+) -> tuple[list[jax.Array], dict[str, jax.Array]]:
     """One micro-batch: loss, gradients of the `wrt` variables, optimizer update. `state` (the
     trained variables, optimizer and random state) is donated: updated in place; `frozen` (the
-    rest) is only read, so the model it came from stays usable. Module-level, so identical
-    models share one compiled program."""
+    rest) is only read, so the model it came from stays usable. `structure` is (graphdef, frozen
+    treedef, state treedef). Module-level, so identical models share one compiled program."""
+    graphdef, frozen_def, state_def = structure.value
     with activation_sharding(sharder):
-        model, optimizer = nnx.merge(graphdef, frozen, state)
+        model, optimizer = nnx.merge(
+            graphdef, jax.tree.unflatten(frozen_def, frozen), jax.tree.unflatten(state_def, state)
+        )
         grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (value, count), grads = grad_fn(model, batch)
         lr = optim.schedule_fn()(optimizer.step[...] // optim.grad_accum)
         optimizer.update(model, grads)
         metrics = {"loss": value, "tokens": count, "grad_norm": optax.global_norm(grads), "lr": lr}
         parts: Any = nnx.split((model, optimizer), _frozen(wrt), ...)
-        return parts[2], metrics
+        new_state, new_def = jax.tree.flatten(parts[2])
+        assert new_def == state_def, "the train step changed the state's structure"
+        return new_state, metrics
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def eval_step(
-    graphdef: Any, sharder: Sharder | None, frozen: Any, state: Any, batch: Mapping[str, jax.Array]
+    structure: HashedOnce,
+    sharder: Sharder | None,
+    frozen: list[jax.Array],
+    state: list[jax.Array],
+    batch: Mapping[str, jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
+    graphdef, frozen_def, state_def = structure.value
     with activation_sharding(sharder):
-        model, _ = nnx.merge(graphdef, frozen, state)
+        model, _ = nnx.merge(
+            graphdef, jax.tree.unflatten(frozen_def, frozen), jax.tree.unflatten(state_def, state)
+        )
         return loss(without_dropout(model), batch)
 
 
@@ -133,7 +169,8 @@ class Trainer:
 
     `trainer.step(batch)` runs one micro-batch (an optimizer update every `grad_accum` of them)
     and returns {"loss", "tokens", "grad_norm", "lr"} as host floats; `trainer.model` is the current
-    model.
+    model; `trainer.state` the trained variables and optimizer state as an nnx.State (assign a
+    changed one back, as a checkpoint restore does).
     """
 
     def __init__(self, model: Mistral, optim: OptimConfig, wrt: Any = nnx.LoRAParam) -> None:
@@ -146,15 +183,62 @@ class Trainer:
         if self.sharder is not None:
             _replicate_unplaced(optimizer, self.sharder)
         parts: Any = nnx.split((model, optimizer), _frozen(wrt), ...)
-        self.graphdef: Any = parts[0]
-        self.frozen: Any = parts[1]
-        self.state: Any = parts[2]
+        graphdef, frozen, state = parts
         # Every array committed to its device(s), as the step's outputs are: the second step
         # then reuses the first one's program.
-        for _, var in nnx.to_flat_state(self.state):
+        for _, var in nnx.to_flat_state(state):
             value = var.get_value()
             if isinstance(value, jax.Array) and not value.committed:
                 var.set_value(jax.device_put(value, value.sharding))
+        self._frozen, frozen_def = jax.tree.flatten(frozen)
+        self._state, state_def = jax.tree.flatten(state)
+        self.structure = HashedOnce((graphdef, frozen_def, state_def))
+        # nnx.State views handed out by .frozen / .state / .model, live until the next step:
+        # changes made to them in place (a checkpoint restore) are read back before it.
+        self._views: list[Any] = [None, None]
+
+    def _view(self, i: int) -> Any:
+        if self._views[i] is None:
+            self._views[i] = jax.tree.unflatten(self.structure.value[1 + i], self._leaves(i))
+        return self._views[i]
+
+    def _leaves(self, i: int) -> list[jax.Array]:
+        if self._views[i] is not None:
+            leaves, treedef = jax.tree.flatten(self._views[i])
+            if treedef != self.structure.value[1 + i]:
+                raise MistralNNXError("Trainer: a state handed out changed its structure")
+            if i == 0:
+                self._frozen = leaves
+            else:
+                self._state = leaves
+        return self._frozen if i == 0 else self._state
+
+    @property
+    def frozen(self) -> Any:
+        return self._view(0)
+
+    @property
+    def state(self) -> Any:
+        return self._view(1)
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        leaves, treedef = jax.tree.flatten(value)
+        if treedef != self.structure.value[2]:
+            raise MistralNNXError("Trainer.state: the new state's structure differs")
+        self._state, self._views[1] = leaves, None
+
+    def step_args(self, batch: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
+        """`train_step`'s arguments for `batch` (to lower or profile the step)."""
+        return (
+            self.structure,
+            self.wrt,
+            self.sharder,
+            self.optim,
+            self._leaves(0),
+            self._leaves(1),
+            self.put(batch),
+        )
 
     def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         if self.sharder is None:
@@ -164,25 +248,18 @@ class Trainer:
         }
 
     def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-        self.state, metrics = train_step(
-            self.graphdef,
-            self.wrt,
-            self.sharder,
-            self.optim,
-            self.frozen,
-            self.state,
-            self.put(batch),
-        )
+        self._state, metrics = train_step(*self.step_args(batch))
+        self._views[1] = None  # the old state was donated
         return {k: float(v) for k, v in metrics.items()}
 
     def eval_loss(self, batch: Mapping[str, np.ndarray]) -> tuple[float, float]:
-        batch_ = self.put(batch)
-        value, count = eval_step(self.graphdef, self.sharder, self.frozen, self.state, batch_)
+        args = (self.structure, self.sharder, self._leaves(0), self._leaves(1), self.put(batch))
+        value, count = eval_step(*args)
         return float(value), float(count)
 
     @property
     def model(self) -> Mistral:
-        model, _ = nnx.merge(self.graphdef, self.frozen, self.state)
+        model, _ = nnx.merge(self.structure.value[0], self.frozen, self.state)
         return model  # type: ignore[no-any-return]
 
 
