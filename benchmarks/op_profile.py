@@ -168,11 +168,11 @@ def train_profile(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         trainer.step(batch)
         wall.append(time.perf_counter() - start)
-    t = trainer
-    args = t.step_args(batch)
-    index = hlo_index(train_step.lower(*args).compile().as_text())
-    state = [x.copy() for x in args[5]]  # the step donates its state
-    events = traced(lambda: jax.block_until_ready(train_step(*args[:5], state, args[6])))
+    step_args = trainer.step_args(batch)
+    index = hlo_index(train_step.lower(*step_args).compile().as_text())
+    state = [x.copy() for x in step_args[5]]  # the step donates its state
+    fixed, put = step_args[:5], step_args[6]
+    events = traced(lambda: jax.block_until_ready(train_step(*fixed, state, put)))
     what = f"{args.train} train step, 2 x 128 tokens: {_util.median(wall[2:]):.3f} s wall"
     report(events, index, 1, what, "step", args.top)
 
