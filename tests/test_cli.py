@@ -192,6 +192,36 @@ def test_chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt(env):
     _no_traceback(err.data)
 
 
+_WRITER_THEN_HARD_EXIT = """
+import sys, threading, time
+from pathlib import Path
+from mistral_nnx import cleanup, cli
+tmp = Path(sys.argv[1])
+cleanup.track(tmp)
+def write():  # as orbax's threads do: recreate the directory and keep writing into it
+    while True:
+        (tmp / "state").mkdir(parents=True, exist_ok=True)
+        (tmp / "state" / "chunk").write_bytes(b"x" * 4096)
+threading.Thread(target=write, daemon=True).start()
+time.sleep(0.2)
+cli._hard_exit(cli.EXIT_INTERRUPTED)
+"""
+
+
+def test_hard_exit_removes_what_threads_still_write(tmp_path):
+    """A tracked directory that another thread keeps recreating is gone once the process has
+    ended and its output closed (removing it before exiting alone would race those threads)."""
+    for attempt in range(3):
+        tmp = tmp_path / f".out.tmp-{attempt}"
+        proc = subprocess.run(
+            [sys.executable, "-c", _WRITER_THEN_HARD_EXIT, str(tmp)],
+            capture_output=True,
+            timeout=120,
+        )
+        assert proc.returncode == cli.EXIT_INTERRUPTED, proc.stderr.decode()[-2000:]
+        assert not tmp.exists(), attempt
+
+
 def test_ctrl_c_during_convert_leaves_nothing(env, smollm2_path, tmp_path):
     """Nothing half-written beside the destination, and nothing in the temp directory (a hard
     exit could not clean a temp dir up, so convert must not use one)."""

@@ -185,3 +185,29 @@ def test_mixtral_attention_lora_same_function_as_peft(tmp_path: Path) -> None:
     )
     with pytest.raises(mistral_nnx.MistralNNXError, match="QLoRA on mixture-of-experts"):
         apply_lora(base, LoraConfig(quant="nf4", quant_block=16))
+
+
+def test_trainer_state_views_are_read_back() -> None:
+    """Trainer keeps flat arrays between steps; its .state view may be changed in place (as a
+    checkpoint restore does) or assigned, and the next step reads the change; a state of
+    another structure is refused."""
+    from mistral_nnx.train.step import OptimConfig, Trainer
+
+    def trainer() -> Trainer:
+        model = apply_lora(mistral_nnx.Mistral(TINY), LoraConfig(rank=4, alpha=8))
+        return Trainer(model, OptimConfig(steps=3, lr=1e-2, warmup=0, schedule="constant"))
+
+    batch = {"tokens": np.asarray(TOKENS), "loss_mask": np.ones(TOKENS.shape, bool)}
+    a, b = trainer(), trainer()
+    a.step(batch)
+    view = b.state  # b's adapters and optimizer moments set in place to a's
+    for (_, mine), (_, theirs) in zip(
+        nnx.to_flat_state(view), nnx.to_flat_state(a.state), strict=True
+    ):
+        mine.set_value(theirs.get_value().copy())  # copies: a step donates its state
+    assert b.step(batch)["loss"] == a.step(batch)["loss"]
+    fresh = trainer()
+    fresh.state = jax.tree.map(lambda x: x.copy(), a.state)
+    assert fresh.step(batch)["loss"] == a.step(batch)["loss"]
+    with pytest.raises(mistral_nnx.MistralNNXError, match="structure differs"):
+        fresh.state = trainer().frozen

@@ -300,7 +300,7 @@ def _hard_exit(code: int, newline: bool = True) -> NoReturn:
     """End the process now: remove half-written files, flush what was printed, skip the
     interpreter's teardown (it can block on, or crash in, XLA threads still running, and
     orbax's background event loop prints tracebacks there)."""
-    cleanup.remove_tracked()
+    removed = cleanup.remove_tracked()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -311,6 +311,7 @@ def _hard_exit(code: int, newline: bool = True) -> NoReturn:
             os.write(2, b"\n")
         except OSError:
             pass
+    cleanup.remove_after_exit(removed)  # again once our threads are gone: they may recreate them
     os._exit(code)
 
 
