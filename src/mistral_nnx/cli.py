@@ -472,9 +472,12 @@ class _Session:
         )
         self._say(f"weights loaded in {_since(t)} ({param_dtype.name}, compute {dtype.name})")
 
-    def stream_reply(self, ids: list[int], stop: threading.Event | None = None) -> str:
+    def stream_reply(
+        self, ids: list[int], stop: threading.Event | None = None, once: bool = False
+    ) -> str:
         """Stream one completion to stdout (process 0 only), then the speed to stderr. Stops
-        early (and says so) when `stop` is set."""
+        early (and says so) when `stop` is set. `once`: the only reply of this process (see
+        EngineOptions.short_lived)."""
         from mistral_nnx.distributed import is_main_process
         from mistral_nnx.engine import EngineOptions, print_stats, stream
 
@@ -492,7 +495,7 @@ class _Session:
             top_p=args.top_p,
             min_p=args.min_p,
             seed=args.seed,
-            options=EngineOptions(max_seq_len=args.max_seq_len, short_lived=True),
+            options=EngineOptions(max_seq_len=args.max_seq_len, short_lived=once),
             stats=stats,
         )
         for delta in deltas:
@@ -539,7 +542,7 @@ def cmd_generate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     session._say(f"mode: {'chat template' if use_chat else 'raw completion'}")
     session.check_length(ids, "the prompt")
     session.load_weights()
-    session.stream_reply(ids)
+    session.stream_reply(ids, once=True)
     return 0
 
 

@@ -62,12 +62,12 @@ class EngineOptions:
     prefill_chunk: int = 512  # prompt tokens per prefill call (chunked prefill)
     decode_steps: int = 32  # decode steps per host round trip
     min_bucket: int = 16  # smallest prompt-length bucket
-    # The process runs each prefill program about once (the CLI). On CPU a prompt that fits in
-    # one chunk is then prefilled without XLA's YNNPACK dot library: YNNPACK sets up each of its
-    # fused ops on a program's first run in a process (~4 ms each, 1.5 s for SmolLM2's 389), which
-    # costs more than its faster products save on one run (T=64: 0.31 s plain against 1.6 s,
-    # T=512: 1.6 s against 3.0 s; benchmarks/RESULTS.md section 12). Repeated runs (servers,
-    # benchmarks, the Python API by default) keep it: 2.2x faster at T=64 once set up.
+    # The process runs its prefill program once (`mistral-nnx generate`). On CPU a prompt that
+    # fits in one chunk is then prefilled without XLA's YNNPACK dot library: YNNPACK sets up each
+    # of its fused ops on a program's first run in a process (~4 ms each, 1.5 s for SmolLM2's
+    # 389), which costs more than its faster products save on one run (T=64: 0.31 s plain against
+    # 1.6 s, T=512: 1.6 s against 3.0 s; benchmarks/RESULTS.md section 12). Repeated runs (chat,
+    # servers, benchmarks, the Python API by default) keep it: 2.2x faster at T=64 once set up.
     short_lived: bool = False
 
     def __post_init__(self) -> None:
