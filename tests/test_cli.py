@@ -405,7 +405,9 @@ def test_huge_top_k_runs(capsys, monkeypatch):
     """--top-k beyond int32 means 'keep everything', not an OverflowError."""
     seen: list[int] = []
     monkeypatch.setattr(cli._Session, "load_weights", lambda self: None)
-    monkeypatch.setattr(cli._Session, "stream_reply", lambda self, ids, stop=None: seen.extend(ids))
+    monkeypatch.setattr(
+        cli._Session, "stream_reply", lambda self, ids, stop=None, once=False: seen.extend(ids)
+    )
     assert main(["generate", "--top-k", "99999999999", "--temperature", "1", "hi"]) == 0
     assert seen
     sampling = mn.SamplingParams(temperature=1.0, top_k=99999999999)
@@ -452,7 +454,9 @@ def test_hub_id_offline_is_quick(monkeypatch, tmp_path, capsys):
 def test_prompt_from_file_and_stdin(tmp_path, monkeypatch, smollm2_path):
     seen: list[list[int]] = []
     monkeypatch.setattr(cli._Session, "load_weights", lambda self: None)
-    monkeypatch.setattr(cli._Session, "stream_reply", lambda self, ids, stop=None: seen.append(ids))
+    monkeypatch.setattr(
+        cli._Session, "stream_reply", lambda self, ids, stop=None, once=False: seen.append(ids)
+    )
     long_prompt = "Summarise: " + "the quick brown fox " * 500  # longer than a shell argument
     (tmp_path / "prompt.txt").write_text(long_prompt)
     assert main(["generate", "--raw", "-f", str(tmp_path / "prompt.txt")]) == 0
