@@ -12,7 +12,6 @@ step: 5x the attention time at C = 1024 (benchmarks/RESULTS.md section 10).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -88,37 +87,36 @@ def init_cache(
     layout = tuple(layer_capacity(window, max_len) for window in config.layer_windows)
     heads, e = config.num_kv_heads, config.head_dim
     if sharding is None:  # one program for all the layers' buffers, not three per layer
-        return _empty_cache(layout, batch, heads, e, jnp.dtype(dtype))
+        return _empty_cache_jit(layout, batch, heads, e, jnp.dtype(dtype))
+    return _empty_cache(layout, batch, heads, e, dtype, sharding)
+
+
+def _empty_cache(
+    layout: tuple[tuple[int, bool], ...],
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype: Any,
+    sharding: Any = None,
+) -> KVCache:
+    """The buffers of `init_cache`, each (with a sharding) made in place, per shard."""
+
+    def filled(shape: tuple[int, ...], axes: tuple[str | None, ...], value: Any, kind: Any) -> Any:
+        if sharding is None:
+            return jnp.full(shape, value, kind)
+        return jnp.full(shape, value, kind, device=sharding(shape, axes))
+
     layers = []
     for slots, ring in layout:
-        k_axes = ("batch", "kv_heads", None, "head_dim")
-        v_axes = ("batch", "kv_heads", "head_dim", None)
-        k = _zeros((batch, heads, slots, e), dtype, k_axes, sharding)
-        v = _zeros((batch, heads, e, slots), dtype, v_axes, sharding)
-        pos = jnp.full((batch, slots), -1, jnp.int32)
-        pos = jax.device_put(pos, sharding(pos.shape, ("batch", None)))
+        k = filled(
+            (batch, heads, slots, head_dim), ("batch", "kv_heads", None, "head_dim"), 0, dtype
+        )
+        v = filled(
+            (batch, heads, head_dim, slots), ("batch", "kv_heads", "head_dim", None), 0, dtype
+        )
+        pos = filled((batch, slots), ("batch", None), -1, jnp.int32)
         layers.append(LayerKV(k, v, pos, ring))
     return KVCache(tuple(layers))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _empty_cache(
-    layout: tuple[tuple[int, bool], ...], batch: int, heads: int, head_dim: int, dtype: Any
-) -> KVCache:
-    return KVCache(
-        tuple(
-            LayerKV(
-                k=jnp.zeros((batch, heads, slots, head_dim), dtype),
-                v=jnp.zeros((batch, heads, head_dim, slots), dtype),
-                pos=jnp.full((batch, slots), -1, jnp.int32),
-                ring=ring,
-            )
-            for slots, ring in layout
-        )
-    )
-
-
-def _zeros(
-    shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...], sharding: Any
-) -> jax.Array:
-    return jnp.zeros(shape, dtype, device=sharding(shape, axes))  # made in place, per shard
+_empty_cache_jit = jax.jit(_empty_cache, static_argnums=(0, 1, 2, 3, 4))

@@ -48,7 +48,8 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-# Waits until its parent (the exiting process) is gone, then removes the paths it was given.
+# Waits until its parent (the exiting process) is gone, then removes the paths it was given
+# (inline, as _remove does: importing this package would load JAX first).
 # It inherits stdout/stderr, so a reader of the command's output sees end-of-file only after it.
 _AFTER_EXIT = """
 import os, shutil, sys, time

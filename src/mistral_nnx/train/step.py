@@ -190,11 +190,13 @@ class Trainer:
             value = var.get_value()
             if isinstance(value, jax.Array) and not value.committed:
                 var.set_value(jax.device_put(value, value.sharding))
-        self._frozen, frozen_def = jax.tree.flatten(frozen)
-        self._state, state_def = jax.tree.flatten(state)
+        frozen_leaves, frozen_def = jax.tree.flatten(frozen)
+        state_leaves, state_def = jax.tree.flatten(state)
         self.structure = HashedOnce((graphdef, frozen_def, state_def))
-        # nnx.State views handed out by .frozen / .state / .model, live until the next step:
-        # changes made to them in place (a checkpoint restore) are read back before it.
+        # [frozen, state] as flat arrays, and the nnx.State views of them handed out by .frozen /
+        # .state / .model, live until the next step: changes made to a view in place (a
+        # checkpoint restore) are read back before it.
+        self._flat = [frozen_leaves, state_leaves]
         self._views: list[Any] = [None, None]
 
     def _view(self, i: int) -> Any:
@@ -207,11 +209,8 @@ class Trainer:
             leaves, treedef = jax.tree.flatten(self._views[i])
             if treedef != self.structure.value[1 + i]:
                 raise MistralNNXError("Trainer: a state handed out changed its structure")
-            if i == 0:
-                self._frozen = leaves
-            else:
-                self._state = leaves
-        return self._frozen if i == 0 else self._state
+            self._flat[i] = leaves
+        return self._flat[i]
 
     @property
     def frozen(self) -> Any:
@@ -226,7 +225,7 @@ class Trainer:
         leaves, treedef = jax.tree.flatten(value)
         if treedef != self.structure.value[2]:
             raise MistralNNXError("Trainer.state: the new state's structure differs")
-        self._state, self._views[1] = leaves, None
+        self._flat[1], self._views[1] = leaves, None
 
     def step_args(self, batch: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
         """`train_step`'s arguments for `batch` (to lower or profile the step)."""
@@ -248,7 +247,7 @@ class Trainer:
         }
 
     def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-        self._state, metrics = train_step(*self.step_args(batch))
+        self._flat[1], metrics = train_step(*self.step_args(batch))
         self._views[1] = None  # the old state was donated
         return {k: float(v) for k, v in metrics.items()}
 
