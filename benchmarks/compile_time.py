@@ -1,16 +1,20 @@
 """Compile time of the prefill and decode step functions at Mistral-7B shapes (32 layers).
 
-No weights are made: the step functions are lowered and compiled ahead of time against abstract
-shapes (jax.ShapeDtypeStruct), so this runs on any machine. On CPU the figure is indicative of
-XLA's work for the graph; the GPU figure comes from gpu.py.
+No weights are made: the step functions are traced, lowered and compiled ahead of time against
+abstract shapes (jax.ShapeDtypeStruct), so this runs on any machine. Each stage is timed on its
+own: tracing and lowering are Python work paid in every process (a persistent-cache hit skips
+only the compile). On CPU the compile figure is indicative of XLA's work for the graph; the GPU
+figure comes from gpu.py. No persistent cache is used.
 
     python benchmarks/compile_time.py [--layers 32] [--batch 1] [--cache 4096]
+    PYTHONPATH=/tmp/old/src python benchmarks/compile_time.py   # an older tree, for a before/after
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,12 +52,12 @@ def main() -> None:
     lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
     logits = jax.ShapeDtypeStruct((b, config.vocab_size), jnp.float32)
 
-    t0 = time.perf_counter()
-    engine._prefill_chunk.lower(graphdef, state, cache, i32, i32, lengths, logits, None).compile()
-    prefill_s = time.perf_counter() - t0
+    prefill = stages(
+        engine._prefill_chunk, graphdef, state, cache, i32, i32, lengths, logits, None, fresh=True
+    )
 
     sampling = BatchSampling.from_params(SamplingParams(), b)
-    rules, _ = engine._stop_rules(None, None, [2], [128] * b)
+    rules = engine._stop_rules(None, None, [2], [128] * b)[0]
     decode_state = jax.eval_shape(
         lambda: engine.DecodeState(
             token=jnp.zeros((b,), jnp.int32),
@@ -65,20 +69,32 @@ def main() -> None:
             key=jax.random.key(0),
         )
     )
-    t0 = time.perf_counter()
-    engine._decode.lower(
-        graphdef, state, cache, decode_state, sampling, rules, args.steps, None
-    ).compile()
-    decode_s = time.perf_counter() - t0
+    decode = stages(
+        engine._decode, graphdef, state, cache, decode_state, sampling, rules, args.steps, None
+    )
 
     print(
         f"\nMistral-7B shapes, {args.layers} layers, bf16, batch {b}, cache {args.cache}, "
         f"prefill chunk {args.chunk}, {jax.devices()[0].platform}\n"
     )
-    print("| step function | compile s |")
-    print("|---|---|")
-    print(f"| prefill chunk | {prefill_s:.1f} |")
-    print(f"| decode loop ({args.steps} steps/call) | {decode_s:.1f} |")
+    print("| step function | trace s | lower s | compile s |")
+    print("|---|---|---|---|")
+    for name, times in (
+        ("prefill chunk", prefill),
+        (f"decode loop ({args.steps} steps/call)", decode),
+    ):
+        print(f"| {name} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+
+
+def stages(jitted: Any, *args: Any, **kwargs: Any) -> tuple[float, float, float]:
+    """Seconds to trace, lower and compile `jitted` for these (abstract) arguments."""
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args, **kwargs)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    lowered.compile()
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import mistral_nnx as mn
 from mistral_nnx import engine
@@ -291,6 +292,50 @@ def test_short_lived_prefill_without_ynnpack(window16, monkeypatch):
     assert generate(model, [ids], max_new_tokens=12, options=options)[0].tokens == usual
     with pytest.raises(MistralNNXError, match="EngineOptions.short_lived must be True or False"):
         EngineOptions(short_lived=1)  # type: ignore[arg-type]
+
+
+def test_engine_traces_each_distinct_layer_once(hf_checkpoints, monkeypatch):
+    """Inside the engine's programs a decoder layer is a function of its own: traced once per
+    distinct layer (the interleaved model: sliding and full) in each program, not once per layer,
+    and it computes exactly what the layers written out compute."""
+    from mistral_nnx import model as model_module
+    from mistral_nnx.model import DecoderLayer
+
+    directory, hf_model = hf_checkpoints["interleaved"]
+    model = mn.load_model(directory, progress=False)
+    assert len(set(model.config.layer_windows)) == 2 and len(model.config.layer_windows) == 4
+    traced = []
+    real_call = DecoderLayer.__call__
+    monkeypatch.setattr(
+        DecoderLayer, "__call__", lambda self, *a, **k: traced.append(1) or real_call(self, *a, **k)
+    )
+    ids = _ids(40, 8)
+    # Three programs: the first prefill chunk, a later chunk (the cache is no longer empty), and
+    # the decode loop.
+    options = EngineOptions(prefill_chunk=32, decode_steps=8)
+    results, counts = [], []
+    for kind in ("layer programs", "written out"):
+        if kind == "written out":
+            monkeypatch.setattr(
+                model_module,
+                "_layer_program",
+                lambda graphdef, state, *args, empty_cache, sharder, attention_path: nnx.merge(
+                    graphdef, state
+                )(*args, empty_cache),
+            )
+        jax.clear_caches()  # every program traced afresh
+        traced.clear()
+        results.append(generate(model, [ids], max_new_tokens=20, logprobs=True, options=options)[0])
+        counts.append(len(traced))
+    assert counts == [3 * 2, 3 * 4]
+    programs, written_out = results
+    assert programs.tokens == written_out.tokens
+    np.testing.assert_array_equal(programs.logprobs, written_out.logprobs)
+    with torch.no_grad():  # and both are transformers' greedy continuation
+        expected = hf_model.generate(
+            torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None
+        )[0, 40:].tolist()
+    assert programs.tokens == expected
 
 
 def test_out_of_vocab_prompt_and_bad_options(window16):

@@ -196,6 +196,11 @@ def activation_sharding(sharder: Sharder | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_sharder() -> Sharder | None:
+    """The sharder of the enclosing `activation_sharding`, if any."""
+    return _ACTIVE.get()
+
+
 def sharded_activations() -> bool:
     """Whether the code being traced runs under `activation_sharding` with a mesh."""
     return _ACTIVE.get() is not None
