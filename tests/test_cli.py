@@ -106,6 +106,39 @@ def test_broken_pipe_is_quiet(env):
     _no_traceback(err)
 
 
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "code, command, how",
+    [
+        (0, "generate", "os._exit"),  # printed everything: no interpreter teardown
+        (0, "chat", "os._exit"),
+        (0, "convert", "sys.exit"),  # wrote files: the normal exit
+        (0, "serve", "sys.exit"),
+        (2, "generate", "hard exit"),
+    ],
+)
+def test_exit_after_a_command(monkeypatch, code, command, how):
+    calls = []
+
+    def record(kind: str):
+        def stop(*args: Any, **kwargs: Any):
+            calls.append((kind, args[0]))
+            raise _Exited
+
+        return stop
+
+    monkeypatch.setattr(cli, "_main", lambda argv: (code, command))
+    monkeypatch.setattr(cli.os, "_exit", record("os._exit"))
+    monkeypatch.setattr(cli.sys, "exit", record("sys.exit"))
+    monkeypatch.setattr(cli, "_hard_exit", record("hard exit"))
+    with pytest.raises(_Exited):
+        cli.run()
+    assert calls == [(how, code)]
+
+
 # ---- Ctrl-C -------------------------------------------------------------------------------------
 
 

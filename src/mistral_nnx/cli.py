@@ -699,13 +699,10 @@ def _model_name(source: Path) -> str:
 def _leave_if_multiprocess(code: int) -> None:
     """In a multi-process run, exit now: a normal exit would wait at jax's shutdown barrier for
     peers that may be stuck waiting for this process."""
-    if "jax" in sys.modules:
-        import jax
+    if _multiprocess():
+        from mistral_nnx.distributed import exit_process
 
-        if jax.process_count() > 1:
-            from mistral_nnx.distributed import exit_process
-
-            exit_process(code)
+        exit_process(code)
 
 
 COMMANDS = {
@@ -717,31 +714,61 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    return _main(argv)[0]
+
+
+def _main(argv: list[str] | None) -> tuple[int, str | None]:
+    """The exit status, and the command that ran (None if the arguments were refused)."""
+    command = None
     with _Interrupts() as interrupts:
         try:
             args = build_parser().parse_args(argv)
-            return COMMANDS[args.command](args, interrupts)
+            command = args.command
+            return COMMANDS[args.command](args, interrupts), command
         except MistralNNXError as e:
             print(f"mistral-nnx: error: {e}", file=sys.stderr)
             _leave_if_multiprocess(EXIT_ERROR)
-            return EXIT_ERROR
+            return EXIT_ERROR, command
         except BrokenPipeError:
             # The reader of stdout went away (e.g. `| head`): stop quietly, as `cat` does.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
-            return EXIT_BROKEN_PIPE
+            return EXIT_BROKEN_PIPE, command
         except KeyboardInterrupt:  # only where the handler could not be installed
             print(file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return EXIT_INTERRUPTED, command
+
+
+# Commands whose whole result is what they printed. Once that is flushed nothing is left to do,
+# and the interpreter's teardown (JAX clearing its backends, freeing the weights: ~0.5 s for
+# SmolLM2) would only delay the shell's prompt. convert and serve exit normally.
+_PRINT_ONLY = ("generate", "chat")
 
 
 def run() -> NoReturn:
     """The console command: `main()`, then exit; after a failure without the interpreter's
-    teardown, so that the one error line stays the only output."""
-    code = main()
+    teardown, so that the one error line stays the only output; after generate or chat,
+    without it too, once the output is flushed (a single process only: several processes
+    leave through jax's shutdown barrier)."""
+    code, command = _main(None)
     if code != 0:
         _hard_exit(code, newline=False)
+    if command in _PRINT_ONLY and not _multiprocess():
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            os._exit(EXIT_BROKEN_PIPE)
+        os._exit(code)
     sys.exit(code)
+
+
+def _multiprocess() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return jax.process_count() > 1
 
 
 if __name__ == "__main__":
