@@ -459,7 +459,9 @@ class Mistral(nnx.Module):
         x = constrain(x, ("batch", None, "embed"))
         new_layers = []
         sharder = active_sharder()
-        attention = attention_path(self.dtype, self.config.head_dim, sharded=sharder is not None)
+        if cache is not None:
+            sharded = sharder is not None
+            attention = attention_path(self.dtype, self.config.head_dim, sharded=sharded)
         for i, layer in enumerate(self.layers):
             if self.remat == "layer" and cache is None:
                 x, layer_cache = _remat_layer(layer, x, positions, valid, cos, sin)
@@ -479,8 +481,7 @@ class Mistral(nnx.Module):
                     attention_path=attention,
                 )
             else:
-                layer_kv = None if cache is None else cache.layers[i]
-                x, layer_cache = layer(x, positions, valid, cos, sin, layer_kv, empty_cache)
+                x, layer_cache = layer(x, positions, valid, cos, sin, None, empty_cache)
             new_layers.append(layer_cache)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
