@@ -152,9 +152,7 @@ def finetune(
     micro = 0
     losses: list[float] = []
     if cfg.resume and list_checkpoints(ckpt_dir):
-        state = trainer.state  # restored in place, then handed back
-        meta = restore_checkpoint(ckpt_dir, state, wrt)
-        trainer.state = state
+        meta = restore_checkpoint(ckpt_dir, trainer.state, wrt)  # in place: read back next step
         micro, losses = int(meta["micro_step"]), list(meta["losses"])
         _truncate_log(out / "log.jsonl", int(meta["step"]))
         _say(cfg, f"resumed from optimizer step {meta['step']}")

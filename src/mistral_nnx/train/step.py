@@ -131,11 +131,8 @@ def train_step(
     trained variables, optimizer and random state) is donated: updated in place; `frozen` (the
     rest) is only read, so the model it came from stays usable. `structure` is (graphdef, frozen
     treedef, state treedef). Module-level, so identical models share one compiled program."""
-    graphdef, frozen_def, state_def = structure.value
     with activation_sharding(sharder):
-        model, optimizer = nnx.merge(
-            graphdef, jax.tree.unflatten(frozen_def, frozen), jax.tree.unflatten(state_def, state)
-        )
+        model, optimizer = _merge(structure, frozen, state)
         grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (value, count), grads = grad_fn(model, batch)
         lr = optim.schedule_fn()(optimizer.step[...] // optim.grad_accum)
@@ -143,7 +140,7 @@ def train_step(
         metrics = {"loss": value, "tokens": count, "grad_norm": optax.global_norm(grads), "lr": lr}
         parts: Any = nnx.split((model, optimizer), _frozen(wrt), ...)
         new_state, new_def = jax.tree.flatten(parts[2])
-        assert new_def == state_def, "the train step changed the state's structure"
+        assert new_def == structure.value[2], "the train step changed the state's structure"
         return new_state, metrics
 
 
@@ -155,12 +152,17 @@ def eval_step(
     state: list[jax.Array],
     batch: Mapping[str, jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
-    graphdef, frozen_def, state_def = structure.value
     with activation_sharding(sharder):
-        model, _ = nnx.merge(
-            graphdef, jax.tree.unflatten(frozen_def, frozen), jax.tree.unflatten(state_def, state)
-        )
+        model, _ = _merge(structure, frozen, state)
         return loss(without_dropout(model), batch)
+
+
+def _merge(structure: HashedOnce, frozen: list[jax.Array], state: list[jax.Array]) -> Any:
+    """(model, optimizer) from the flat frozen and state leaves."""
+    graphdef, frozen_def, state_def = structure.value
+    return nnx.merge(
+        graphdef, jax.tree.unflatten(frozen_def, frozen), jax.tree.unflatten(state_def, state)
+    )
 
 
 class Trainer:
