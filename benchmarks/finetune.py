@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py                    # CPU: SmolLM2-135M, LoRA and full, vs PEFT
     python benchmarks/finetune.py --preset mistral7b # accelerator: Mistral-7B shapes, random bf16
+    python benchmarks/finetune.py --preset mistral7b --stack peft   # the same with PEFT + torch
 
 CPU mode: the embedded SmolLM2-135M-Instruct (float32) is trained on the same padded token
 batches (examples/finetune/train.jsonl) by both stacks, with the same LoRA init (PEFT's, copied
@@ -204,6 +205,89 @@ def qlora_memory(args: argparse.Namespace) -> None:
     print(table(["base", "frozen GB (jax)", "step GB (XLA)"], rows))
 
 
+def accelerator_config(tiny: bool) -> Any:
+    import mistral_nnx
+
+    config = mistral_nnx.MistralConfig(
+        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, layer_windows=(None,) * 32,
+    )  # fmt: skip
+    if tiny:
+        config = config.replace(num_layers=2, hidden_size=256, intermediate_size=512, head_dim=32,
+                                num_heads=8, num_kv_heads=2, layer_windows=(None,) * 2)  # fmt: skip
+    return config
+
+
+def random_batch(vocab: int, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shape = (batch_size, seq_len)
+    return {
+        "tokens": rng.integers(0, vocab, shape).astype(np.int32),
+        "loss_mask": np.ones(shape, bool),
+        "valid": np.ones(shape, bool),
+    }
+
+
+def report(args: argparse.Namespace, times: list[float], peak: float, loss: float) -> None:
+    tok = args.batch_size * args.seq_len / median(times)
+    print(
+        table(
+            ["stack", "tokens/s", "step s (median)", "best step s", "last loss", "peak GB"],
+            [[args.stack, f"{tok:.0f}", f"{median(times):.3f}", f"{min(times):.3f}",
+              f"{loss:.4f}", f"{peak:.1f}"]],
+        )  # fmt: skip
+    )
+
+
+def accelerator_peft(args: argparse.Namespace) -> None:
+    """The same model, data and optimizer through transformers + PEFT on torch's GPU: bf16 base,
+    LoRA r16 on the seven projections (PEFT keeps the adapters in float32, as ours are)."""
+    import peft
+    import torch
+    import transformers
+
+    config = accelerator_config(args.tiny)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_config = transformers.MistralConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim, sliding_window=None, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.device(device):
+        hf = transformers.MistralForCausalLM(hf_config).to(torch.bfloat16)
+    if args.remat:
+        hf.gradient_checkpointing_enable()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    print(header(f"finetune: Mistral-7B shapes, LoRA r16, bf16 base, PEFT {peft.__version__}"))
+    print(f"trainable {sum(p.numel() for p in params):,}; adapter dtype {params[0].dtype}; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, {device}")  # fmt: skip
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    b = random_batch(config.vocab_size, args.batch_size, args.seq_len)
+    ids = torch.tensor(b["tokens"], dtype=torch.long, device=device)
+
+    def step() -> float:
+        out = pm(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        return float(out.loss.detach())  # waits for the GPU, as our step's float() does
+
+    t = time.perf_counter()
+    step()
+    print(f"first step {time.perf_counter() - t:.1f} s")
+    times, loss = [], float("nan")
+    for _ in range(args.rounds * args.k):
+        t = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
+    report(args, times, peak, loss)
+
+
 def accelerator(args: argparse.Namespace) -> None:
     """Mistral-7B shapes, random bf16 base weights made on the device, float32 LoRA r16."""
     import jax
@@ -214,13 +298,7 @@ def accelerator(args: argparse.Namespace) -> None:
     from mistral_nnx.train.lora import LoraConfig, apply_lora, count_params
     from mistral_nnx.train.step import OptimConfig, Trainer
 
-    config = mistral_nnx.MistralConfig(
-        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, layer_windows=(None,) * 32,
-    )  # fmt: skip
-    if args.tiny:
-        config = config.replace(num_layers=2, hidden_size=256, intermediate_size=512, head_dim=32,
-                                num_heads=8, num_kv_heads=2, layer_windows=(None,) * 2)  # fmt: skip
+    config = accelerator_config(args.tiny)
     make = nnx.jit(
         lambda: mistral_nnx.Mistral(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     )
@@ -228,31 +306,19 @@ def accelerator(args: argparse.Namespace) -> None:
     model.remat = args.remat
     print(header(f"finetune: Mistral-7B shapes, LoRA r16, {args.qlora or 'bf16'} base"))
     print(f"trainable {count_params(model, nnx.LoRAParam):,}; devices {jax.devices()}")
-    trainer = Trainer(model, OptimConfig(steps=1000, lr=1e-4, schedule="constant"))
-    rng = np.random.default_rng(0)
-    shape = (args.batch_size, args.seq_len)
-    batch = {
-        "tokens": rng.integers(0, config.vocab_size, shape).astype(np.int32),
-        "loss_mask": np.ones(shape, bool),
-        "valid": np.ones(shape, bool),
-    }
+    optim = OptimConfig(steps=1000, lr=1e-4, schedule="constant", clip=1.0)
+    trainer = Trainer(model, optim)
+    batch = random_batch(config.vocab_size, args.batch_size, args.seq_len)
     t = time.perf_counter()
     trainer.step(batch)
     print(f"first step (compile) {time.perf_counter() - t:.1f} s")
-    times = []
+    times, loss = [], float("nan")
     for _ in range(args.rounds * args.k):
         t = time.perf_counter()
-        trainer.step(batch)
+        loss = float(trainer.step(batch)["loss"])
         times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use", 0) / 1e9
-    tok = args.batch_size * args.seq_len / median(times)
-    print(
-        table(
-            ["tokens/s", "step s", "peak GB"],
-            [[f"{tok:.0f}", f"{median(times):.3f}", f"{peak:.1f}"]],
-        )
-    )
+    report(args, times, stats.get("peak_bytes_in_use", 0) / 1e9, loss)
 
 
 def main() -> None:
@@ -266,6 +332,7 @@ def main() -> None:
     parser.add_argument("--remat", choices=["layer"], default=None)
     parser.add_argument("--tiny", action="store_true", help="mistral7b preset at toy size")
     parser.add_argument("--qlora", choices=["nf4", "int4", "int8"], help="mistral7b: QLoRA base")
+    parser.add_argument("--stack", choices=["ours", "peft"], default="ours", help="mistral7b")
     parser.add_argument(
         "--qlora-memory", action="store_true", help="smollm2: LoRA vs QLoRA step memory only"
     )
@@ -274,6 +341,8 @@ def main() -> None:
         qlora_memory(args)
     elif args.preset == "smollm2":
         cpu(args)
+    elif args.stack == "peft":
+        accelerator_peft(args)
     else:
         accelerator(args)
 

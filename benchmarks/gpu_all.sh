@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every accelerator benchmark in one pass, for a GPU machine lent for minutes: each stage has its
+# own time limit, so one that hangs or fails leaves the rest their turn. Output goes to the
+# terminal and to $OUT/<stage>.log (OUT defaults to ./gpu_logs).
+#
+#   bash benchmarks/gpu_all.sh                 # all stages, in order of priority
+#   bash benchmarks/gpu_all.sh serve mixtral   # only the stages named
+#
+# Wheels in .whl/ (qwix, missing from a bare GPU image) are installed to /tmp/site first.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_logs}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+
+stage() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+}
+
+want() { [ $# -eq 0 ] || [[ " $* " == *" $STAGE "* ]]; }
+ALL=(infer finetune peft serve mixtral qlora)
+for STAGE in "${ALL[@]}"; do
+    want "$@" || continue
+    case $STAGE in
+        infer) stage infer 300 $PY benchmarks/gpu.py ;;
+        finetune) stage finetune 150 $PY benchmarks/finetune.py --preset mistral7b \
+            --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
+        peft) stage peft 120 $PY benchmarks/finetune.py --preset mistral7b --stack peft \
+            --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
+        serve) stage serve 240 $PY benchmarks/gpu_serve.py --requests 32 ;;
+        mixtral) stage mixtral 200 $PY benchmarks/gpu.py --preset mixtral --repeats 3 ;;
+        qlora) stage qlora 150 $PY benchmarks/finetune.py --preset mistral7b --qlora nf4 \
+            --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
+    esac
+done
