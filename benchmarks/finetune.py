@@ -230,13 +230,9 @@ def random_batch(vocab: int, batch_size: int, seq_len: int) -> dict[str, np.ndar
 
 def report(args: argparse.Namespace, times: list[float], peak: float, loss: float) -> None:
     tok = args.batch_size * args.seq_len / median(times)
-    print(
-        table(
-            ["stack", "tokens/s", "step s (median)", "best step s", "last loss", "peak GB"],
-            [[args.stack, f"{tok:.0f}", f"{median(times):.3f}", f"{min(times):.3f}",
-              f"{loss:.4f}", f"{peak:.1f}"]],
-        )  # fmt: skip
-    )
+    row = [args.stack, f"{tok:.0f}", f"{median(times):.3f}", f"{min(times):.3f}", f"{loss:.4f}"]
+    heads = ["stack", "tokens/s", "step s (median)", "best step s", "last loss", "peak GB"]
+    print(table(heads, [row + [f"{peak:.1f}"]]))
 
 
 def accelerator_peft(args: argparse.Namespace) -> None:
@@ -262,8 +258,9 @@ def accelerator_peft(args: argparse.Namespace) -> None:
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     print(header(f"finetune: Mistral-7B shapes, LoRA r16, bf16 base, PEFT {peft.__version__}"))
-    print(f"trainable {sum(p.numel() for p in params):,}; adapter dtype {params[0].dtype}; "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, {device}")  # fmt: skip
+    trainable = sum(p.numel() for p in params)
+    print(f"trainable {trainable:,}; adapter dtype {params[0].dtype}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, {device}")  # fmt: skip
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     b = random_batch(config.vocab_size, args.batch_size, args.seq_len)
     ids = torch.tensor(b["tokens"], dtype=torch.long, device=device)
