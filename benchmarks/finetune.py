@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import header, median, table, versions  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
@@ -287,28 +287,30 @@ def accelerator_peft(args: argparse.Namespace) -> None:
 
 def accelerator(args: argparse.Namespace) -> None:
     """Mistral-7B shapes, random bf16 base weights made on the device, float32 LoRA r16."""
+    import gpu
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    import mistral_nnx
     from mistral_nnx.train.lora import LoraConfig, apply_lora, count_params
     from mistral_nnx.train.step import OptimConfig, Trainer
 
-    config = accelerator_config(args.tiny)
-    make = nnx.jit(
-        lambda: mistral_nnx.Mistral(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    )
-    model = apply_lora(make(), LoraConfig(16, 32.0, quant=args.qlora))
-    model.remat = args.remat
     print(header(f"finetune: Mistral-7B shapes, LoRA r16, {args.qlora or 'bf16'} base"))
+    print(versions(["jax", "flax", "optax", "qwix"]))
+    config = accelerator_config(args.tiny)
+    t = time.perf_counter()
+    base, _, _ = gpu.random_model(config)  # made on the device, one small fill per shape
+    print(f"base weights made in {time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
+    model = apply_lora(base, LoraConfig(16, 32.0, quant=args.qlora))
+    model.remat = args.remat
+    print(f"LoRA applied in {time.perf_counter() - t:.1f} s", flush=True)
     print(f"trainable {count_params(model, nnx.LoRAParam):,}; devices {jax.devices()}")
     optim = OptimConfig(steps=1000, lr=1e-4, schedule="constant", clip=1.0)
     trainer = Trainer(model, optim)
     batch = random_batch(config.vocab_size, args.batch_size, args.seq_len)
     t = time.perf_counter()
     trainer.step(batch)
-    print(f"first step (compile) {time.perf_counter() - t:.1f} s")
+    print(f"first step (compile) {time.perf_counter() - t:.1f} s", flush=True)
     times, loss = [], float("nan")
     for _ in range(args.rounds * args.k):
         t = time.perf_counter()

@@ -34,12 +34,12 @@ for STAGE in "${ALL[@]}"; do
     want "$@" || continue
     case $STAGE in
         infer) stage infer 300 $PY benchmarks/gpu.py ;;
-        finetune) stage finetune 150 $PY benchmarks/finetune.py --preset mistral7b \
+        finetune) stage finetune 300 $PY benchmarks/finetune.py --preset mistral7b \
             --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
         peft) stage peft 120 $PY benchmarks/finetune.py --preset mistral7b --stack peft \
             --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
         serve) stage serve 240 $PY benchmarks/gpu_serve.py --requests 32 ;;
-        mixtral) stage mixtral 200 $PY benchmarks/gpu.py --preset mixtral --repeats 3 ;;
+        mixtral) stage mixtral 160 $PY benchmarks/gpu.py --preset mixtral --repeats 3 ;;
         qlora) stage qlora 150 $PY benchmarks/finetune.py --preset mistral7b --qlora nf4 \
             --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
     esac
