@@ -74,6 +74,32 @@ def test_float32_equals_explicit_mask(window: int | None, heads: tuple[int, int]
     np.testing.assert_allclose(new, old, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_odd_length_values_and_gradients(window: int | None) -> None:
+    """An odd chunk (training feeds T - 1 tokens) is padded by one for cuDNN, whose backward
+    pass takes even lengths only: values and the gradients of q, k, v still equal the
+    explicit mask's on the valid queries."""
+    positions, valid = (a[:, : T - 1] for a in _layout())
+    valid[0, -1] = True  # row 0 stays full after the cut
+    q, k, v = (x[:, : T - 1] for x in _qkv(6, 2, jnp.float32))
+    pos, val = jnp.asarray(positions), jnp.asarray(valid)
+    ok, offset = contiguous_rows(pos, val)
+    assert bool(ok)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((6, T - 1, 6, 32)))
+    weights = jnp.where(val[:, :, None, None], weights, 0)  # padded queries' outputs ignored
+
+    def new(q, k, v):  # type: ignore[no-untyped-def]
+        return jnp.sum(weights * attend_self(q, k, v, val, offset, window, "xla"))
+
+    def old(q, k, v):  # type: ignore[no-untyped-def]
+        return jnp.sum(weights * attend(q, k, v, pos, jnp.where(val, pos, -1), window))
+
+    (a, grads_a), (b, grads_b) = (jax.value_and_grad(f, (0, 1, 2))(q, k, v) for f in (new, old))
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("window", [None, 4])
 def test_bfloat16_equals_explicit_mask(window: int | None) -> None:
     positions, valid = _layout()

@@ -113,6 +113,12 @@ def attend_self(
     `model.attend(q, k, v, pos, where(valid, pos, -1), window)` on the valid queries; padded
     queries give 0."""
     b, t = valid.shape
+    if t % 2:
+        # cuDNN's backward pass (training) takes even lengths only (jax checks T % 2 with a
+        # bias, and it always passes a placeholder bias): one padded token more, cut off below.
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        out = attend_self(pad(q), pad(k), pad(v), pad(valid), offset, window, implementation)
+        return out[:, :t]
     # Rotate each row left by its offset: the valid run then starts at index 0, the form
     # cuDNN's padding mask (index < length) takes.
     idx = (jnp.arange(t, dtype=jnp.int32)[None, :] + offset[:, None]) % t
