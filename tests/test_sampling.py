@@ -87,11 +87,12 @@ def test_top_k_1_is_greedy() -> None:
         np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
 
 
-def test_greedy_is_argmax() -> None:
+@pytest.mark.parametrize("greedy_only", [False, True])
+def test_greedy_is_argmax(greedy_only: bool) -> None:
     logits = jax.random.normal(jax.random.key(3), (64, 500))
-    tokens, logprobs = sample_jit(
-        logits, jax.random.key(4), BatchSampling.from_params(SamplingParams(), 64)
-    )
+    sampling = BatchSampling.from_params(SamplingParams(), 64)
+    run = jax.jit(sample, static_argnums=3)
+    tokens, logprobs = run(logits, jax.random.key(4), sampling, greedy_only)
     np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
     assert tokens.dtype == jnp.int32
     expected = jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)

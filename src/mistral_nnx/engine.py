@@ -272,13 +272,19 @@ def _top(logits: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return ids.astype(jnp.int32), values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
 
-@functools.partial(jax.jit, static_argnames=("top_n",), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("top_n", "greedy"), donate_argnames=("state",))
 def _start(
-    logits: jax.Array, state: DecodeState, sampling: BatchSampling, rules: StopRules, top_n: int
+    logits: jax.Array,
+    state: DecodeState,
+    sampling: BatchSampling,
+    rules: StopRules,
+    top_n: int,
+    greedy: bool = False,
 ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Sample the first new token from the prefill logits (and the `top_n` most likely)."""
+    """Sample the first new token from the prefill logits (and the `top_n` most likely).
+    `greedy`: every row is greedy (see `sample`'s greedy_only)."""
     key, sub = _split(state.key)
-    token, logprob = sample(logits, sub, sampling)
+    token, logprob = sample(logits, sub, sampling, greedy)
     state = _finish_check(dataclasses.replace(state, key=key), token, rules)
     top_ids, top_lp = _top(logits, top_n)
     return state, token[:, None], logprob[:, None], top_ids[:, None], top_lp[:, None]
@@ -523,8 +529,12 @@ def stream(
         history=put(np.full((b, history_len), -1, np.int32)),
         key=keys,
     )
+    # All greedy: the first token's program then holds no sampling code, which is less to trace
+    # and lower in a fresh process (a small program: two variants cost little). The decode
+    # program stays one for every setting, so switching settings never recompiles it.
+    greedy = sampling_params.temperature == 0.0
     state, out_tok, out_lp, top_ids, top_lp = _start(
-        last_logits, state, sampling, rules, top_logprobs
+        last_logits, state, sampling, rules, top_logprobs, greedy
     )
     first_token_time = None
 

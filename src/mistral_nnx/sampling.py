@@ -138,7 +138,7 @@ def _filter(scaled: jax.Array, sampling: BatchSampling) -> jax.Array:
 
 
 def sample(
-    logits: jax.Array, key: jax.Array, sampling: BatchSampling
+    logits: jax.Array, key: jax.Array, sampling: BatchSampling, greedy_only: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """Pick one token per row: logits [B, V] -> (tokens [B] int32, logprobs [B] float32).
 
@@ -147,6 +147,8 @@ def sample(
     the same tokens; split the key between decode steps. logprobs are those of the model's own
     distribution (log_softmax of the unmodified logits) at the chosen tokens, as vLLM returns.
     `key` is one key for the batch, or one key per row (shape [B]).
+    `greedy_only` (static): the caller knows every row is greedy; the sampling branch is then
+    not even traced (less to trace and lower in a fresh process, the same tokens).
     Jit-able: no Python branching on array values.
     """
     if logits.ndim != 2:
@@ -176,8 +178,10 @@ def sample(
             sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled)
         return jnp.where(greedy, argmax, sampled)
 
-    # An all-greedy batch (the default) skips drawing [B, V] Gumbel noise as well.
-    tokens = jax.lax.cond(jnp.all(greedy), lambda: argmax, sample_rows).astype(jnp.int32)
+    if greedy_only:
+        tokens = argmax.astype(jnp.int32)
+    else:  # an all-greedy batch (the default) skips drawing [B, V] Gumbel noise as well
+        tokens = jax.lax.cond(jnp.all(greedy), lambda: argmax, sample_rows).astype(jnp.int32)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     logprobs = chosen - jax.nn.logsumexp(logits, axis=-1)
     return tokens, logprobs
