@@ -6,6 +6,11 @@
 #   bash benchmarks/gpu_all.sh                 # all stages, in order of priority
 #   bash benchmarks/gpu_all.sh serve mixtral   # only the stages named
 #
+# Stages and their limits (s): infer 300, finetune 300, peft 120, serve 240, mixtral 160,
+# remat 240, peft_remat 120, qlora 150. On an H200 (2026-11-29) infer took 126 s, finetune 111 s
+# (90 s of it the first step's compile), peft 27 s, mixtral 77 s: a 15-minute lease runs about
+# four stages after the machine's start.
+#
 # Wheels in .whl/ (qwix, missing from a bare GPU image) are installed to /tmp/site first.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,7 +34,7 @@ stage() {  # name, seconds, command...
 }
 
 want() { [ $# -eq 0 ] || [[ " $* " == *" $STAGE "* ]]; }
-ALL=(infer finetune peft serve mixtral qlora)
+ALL=(infer finetune peft serve mixtral remat peft_remat qlora)
 for STAGE in "${ALL[@]}"; do
     want "$@" || continue
     case $STAGE in
@@ -40,6 +45,10 @@ for STAGE in "${ALL[@]}"; do
             --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
         serve) stage serve 240 $PY benchmarks/gpu_serve.py --requests 32 ;;
         mixtral) stage mixtral 160 $PY benchmarks/gpu.py --preset mixtral --repeats 3 ;;
+        remat) stage remat 240 $PY benchmarks/finetune.py --preset mistral7b --remat layer \
+            --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
+        peft_remat) stage peft_remat 120 $PY benchmarks/finetune.py --preset mistral7b \
+            --stack peft --remat layer --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
         qlora) stage qlora 150 $PY benchmarks/finetune.py --preset mistral7b --qlora nf4 \
             --batch-size 8 --seq-len 1024 --rounds 1 -k 5 ;;
     esac
