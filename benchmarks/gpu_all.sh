@@ -11,7 +11,10 @@
 # (90 s of it the first step's compile), peft 27 s, mixtral 77 s: a 15-minute lease runs about
 # four stages after the machine's start.
 #
-# Wheels in .whl/ (qwix, missing from a bare GPU image) are installed to /tmp/site first.
+# Wheels in .whl/ (qwix, missing from a bare GPU image) are installed to /tmp/site first; fetch
+# them where pip reaches PyPI with `pip download --no-deps --only-binary=:all: --python-version
+# 3.12 -d .whl qwix==0.1.8` (pure Python; the image has jax, flax, optax, torch, transformers,
+# peft).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}
