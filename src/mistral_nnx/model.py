@@ -196,7 +196,13 @@ def attend_chunk(
     ok, offset = contiguous_rows(positions, valid)
     if alone is not None:
         ok &= alone
-    return jax.lax.cond(ok, lambda: attend_self(q, k, v, valid, offset, window, kernel), general)
+    # Under autodiff a cond keeps the residuals of both branches (the one not taken filled with
+    # zeros): the explicit mask's would be two [B, H, T, T] float32 arrays per layer, ~70 GB
+    # for Mistral-7B at 8 x 1024. Checkpointed, that branch keeps only its inputs and is
+    # recomputed in the backward pass on the rare steps that take it.
+    return jax.lax.cond(
+        ok, lambda: attend_self(q, k, v, valid, offset, window, kernel), jax.checkpoint(general)
+    )
 
 
 def attend_filled(
