@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,20 @@ def random_batch(vocab: int, batch_size: int, seq_len: int) -> dict[str, np.ndar
     }
 
 
+def time_steps(step: Callable[[], float], n: int) -> tuple[list[float], float]:
+    """One untimed first step (compiles, warms up), then `n` timed ones; each ends when its loss
+    is on the host. Returns the step times and the last loss."""
+    t = time.perf_counter()
+    step()
+    print(f"first step (compile, warm-up) {time.perf_counter() - t:.1f} s", flush=True)
+    times, loss = [], float("nan")
+    for _ in range(n):
+        t = time.perf_counter()
+        loss = float(step())
+        times.append(time.perf_counter() - t)
+    return times, loss
+
+
 def report(args: argparse.Namespace, times: list[float], peak: float, loss: float) -> None:
     tok = args.batch_size * args.seq_len / median(times)
     row = [args.stack, f"{tok:.0f}", f"{median(times):.3f}", f"{min(times):.3f}", f"{loss:.4f}"]
@@ -273,14 +288,7 @@ def accelerator_peft(args: argparse.Namespace) -> None:
         opt.zero_grad()
         return float(out.loss.detach())  # waits for the GPU, as our step's float() does
 
-    t = time.perf_counter()
-    step()
-    print(f"first step {time.perf_counter() - t:.1f} s")
-    times, loss = [], float("nan")
-    for _ in range(args.rounds * args.k):
-        t = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t)
+    times, loss = time_steps(step, args.rounds * args.k)
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
     report(args, times, peak, loss)
 
@@ -308,14 +316,7 @@ def accelerator(args: argparse.Namespace) -> None:
     optim = OptimConfig(steps=1000, lr=1e-4, schedule="constant", clip=1.0)
     trainer = Trainer(model, optim)
     batch = random_batch(config.vocab_size, args.batch_size, args.seq_len)
-    t = time.perf_counter()
-    trainer.step(batch)
-    print(f"first step (compile) {time.perf_counter() - t:.1f} s", flush=True)
-    times, loss = [], float("nan")
-    for _ in range(args.rounds * args.k):
-        t = time.perf_counter()
-        loss = float(trainer.step(batch)["loss"])
-        times.append(time.perf_counter() - t)
+    times, loss = time_steps(lambda: trainer.step(batch)["loss"], args.rounds * args.k)
     stats = jax.devices()[0].memory_stats() or {}
     report(args, times, stats.get("peak_bytes_in_use", 0) / 1e9, loss)
 

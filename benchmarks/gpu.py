@@ -374,7 +374,7 @@ def main() -> None:
     def step_bytes(batch: int) -> float:
         """Weight bytes a decode step of `batch` tokens must read. Mixture of experts: only the
         experts some token chose, E * (1 - (1 - k/E)**batch) per layer when routing is uniform
-        (k at batch 1; 7.3 of Mixtral's 8 at batch 8)."""
+        (k at batch 1; 7.2 of Mixtral's 8 at batch 8)."""
         if not config.is_moe:
             return step_weight_bytes
         e, k = config.num_experts, config.num_experts_per_tok
