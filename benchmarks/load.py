@@ -6,7 +6,14 @@
 
 Builds a random float32 Mistral (~700 MB) with transformers' save_pretrained, converts it once
 to this project's orbax format with `mistral_nnx.save_model` and to a float32 GGUF the way
-llama.cpp lays it out (q/k rows permuted). Every measurement runs in a fresh process under
+llama.cpp lays it out (q/k rows permuted). Zero-copy loading (load_model's default `mmap=True`)
+adopts a tensor's file pages only when it is 64-byte aligned in the file, so two more copies are
+measured: the safetensors file rewritten by mistral_nnx's own writer (`save_safetensors`: every
+tensor 64-byte aligned; also loaded with `mmap=False`, which copies everything), and the GGUF
+written with `general.alignment` = 64 (gguf-py's default is 32). Whether a file written by
+transformers (8-byte padded header) or a default GGUF gets any tensor without a copy is luck: the
+rows without a suffix show what a typical file gets, and a line under the table says how many
+weights each load used in place. Every measurement runs in a fresh process under
 `/usr/bin/time -v` (peak RSS), in alternating order, with the files it reads either read once
 just before (`--page-cache warm`, the default) or evicted (`cold`: `posix_fadvise(DONTNEED)`
 after `fdatasync`, checked with `fincore` where present):
@@ -15,7 +22,8 @@ after `fdatasync`, checked with `fincore` where present):
 * copy: a numpy child reading the safetensors file into one fresh array (`readinto`), timed
   after its imports: what any load that ends with the weights in fresh memory must pay;
 * load: `mistral_nnx.load_model(path)` + block_until_ready, timed inside the child (after its
-  imports); peak RSS is the whole child process, imports included;
+  imports); peak RSS is the whole child process, imports included. RSS counts the mapped file
+  pages a zero-copy load keeps: those are the page cache's (shared, reclaimable), not a copy;
 * baseline: a bare `import mistral_nnx, jax; jax.devices()` process, for its RSS (the JAX
   runtime's own share, reported separately).
 """
@@ -36,19 +44,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402
 
 LOAD_CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 t0 = time.perf_counter()
 import jax
 import mistral_nnx
 from flax import nnx
 jax.devices()
 t1 = time.perf_counter()
-m = mistral_nnx.load_model(sys.argv[1], progress=False)
+kwargs = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+m = mistral_nnx.load_model(sys.argv[1], progress=False, **kwargs)
 jax.block_until_ready(nnx.state(m))
 t2 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1,
-                  "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+# weights used in place: their buffers lie in a mapping of a file of the checkpoint
+root = os.path.realpath(sys.argv[1])
+maps = []
+for line in open("/proc/self/maps"):
+    f = line.split(maxsplit=5)
+    if len(f) == 6 and f[5].strip().startswith(root):
+        maps.append([int(x, 16) for x in f[0].split("-")])
+ptrs = [v.get_value().unsafe_buffer_pointer() for _, v in nnx.to_flat_state(nnx.state(m))]
+mapped = sum(any(lo <= p < hi for lo, hi in maps) for p in ptrs)
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "self_rss_mb": rss,
+                  "mapped": mapped, "params": len(ptrs)}))
 """
+
+NO_MMAP = json.dumps({"mmap": False})
 
 COPY_CHILD = """
 import json, sys, time
@@ -76,9 +97,22 @@ mistral_nnx.save_model(mistral_nnx.load_model(sys.argv[1], progress=False), sys.
 """
 
 
-def write_gguf_f32(st: Path, out: Path) -> None:
+ALIGNED_CHILD = """
+import shutil, sys
+from pathlib import Path
+from safetensors.numpy import load_file
+from mistral_nnx.checkpoint.safetensors_io import save_safetensors
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir()
+shutil.copy(src / "config.json", dst / "config.json")
+tensors = load_file(str(src / "model.safetensors"))
+save_safetensors(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+"""
+
+
+def write_gguf_f32(st: Path, out: Path, alignment: int | None = None) -> None:
     """The safetensors checkpoint as a float32 GGUF in llama.cpp's layout (run in a child:
-    it imports gguf-py and safetensors)."""
+    it imports gguf-py and safetensors); `alignment` sets general.alignment (default 32)."""
     code = f"""
 import json
 import gguf, numpy as np
@@ -89,6 +123,7 @@ h, kv, e = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
 def permute(x, n):
     return x.reshape(n, 2, e // 2, x.shape[1]).swapaxes(1, 2).reshape(x.shape)
 g = gguf.GGUFWriter({str(out)!r}, "llama")
+if {alignment!r} is not None: g.add_custom_alignment({alignment!r})
 g.add_block_count(c["num_hidden_layers"]); g.add_context_length(c["max_position_embeddings"])
 g.add_embedding_length(c["hidden_size"]); g.add_feed_forward_length(c["intermediate_size"])
 g.add_head_count(h); g.add_head_count_kv(kv); g.add_key_length(e); g.add_value_length(e)
@@ -144,6 +179,7 @@ class Runner:
     def __init__(self, warm: bool) -> None:
         self.warm = warm
         self.evict_checked: list[int] = []
+        self.mapped: dict[tuple[str, ...], str] = {}  # (path, *args) -> "mapped/params"
 
     def prepare(self, files: list[Path]) -> None:
         """Warm: read the files once (into the page cache). Cold: evict them."""
@@ -165,12 +201,15 @@ class Runner:
         return wall, rss
 
     def child(
-        self, code: str, path: Path, env: dict[str, str] | None = None
+        self, code: str, path: Path, env: dict[str, str] | None = None, *args: str
     ) -> tuple[float, float]:
         self.prepare([path] if path.is_file() else files_of(path))
         full_env = dict(os.environ, **env) if env else None
-        _, rss, out = _util.run_measured([sys.executable, "-c", code, str(path)], env=full_env)
+        cmd = [sys.executable, "-c", code, str(path), *args]
+        _, rss, out = _util.run_measured(cmd, env=full_env)
         result = json.loads(out.strip().splitlines()[-1])
+        if "mapped" in result:
+            self.mapped[(str(path), *args)] = f"{result['mapped']}/{result['params']}"
         return result["load_s"], rss if rss is not None else result.get("self_rss_mb", 0.0)
 
 
@@ -193,6 +232,10 @@ def main() -> None:
         _util.run_measured([sys.executable, "-c", CONVERT_CHILD, str(st), str(orbax)])
         gguf = tmp / "model-f32.gguf"
         write_gguf_f32(st, gguf)
+        st64 = tmp / "st-aligned"
+        _util.run_measured([sys.executable, "-c", ALIGNED_CHILD, str(st), str(st64)])
+        gguf64 = tmp / "model-f32-align64.gguf"
+        write_gguf_f32(st, gguf64, alignment=64)
         st_files = [st / "model.safetensors"]
         orbax_files = files_of(orbax)
         size = st_files[0].stat().st_size  # the float32 parameter bytes (+ a small header)
@@ -204,6 +247,7 @@ def main() -> None:
             flush=True,
         )
         trees: dict[str, dict[str, str] | None] = {"": None}
+        in_place: dict[str, tuple[str, str]] = {}  # load measure -> runner.mapped key
         if args.compare_src:
             trees[f" (PYTHONPATH={args.compare_src})"] = {"PYTHONPATH": args.compare_src}
         measures: dict[str, tuple[str, Callable[[], tuple[float, float | None]]]] = {
@@ -215,13 +259,25 @@ def main() -> None:
             "raw read GGUF (cat)": ("gguf", lambda: runner.raw([gguf])),
             "raw read orbax files (cat)": ("orbax", lambda: runner.raw(orbax_files)),
         }
+        loads = [  # (label, kind of raw read to compare with, path, load_model kwargs)
+            ("safetensors", "st", st, "{}"),
+            ("safetensors (64-aligned, mistral_nnx writer)", "st", st64, "{}"),
+            ("safetensors (64-aligned, mistral_nnx writer, mmap=False)", "st", st64, NO_MMAP),
+            ("GGUF F32", "gguf", gguf, "{}"),
+            ("GGUF F32 (general.alignment 64)", "gguf", gguf64, "{}"),
+            ("orbax", "orbax", orbax, "{}"),
+        ]
         for suffix, env in trees.items():
-            for kind, path in (("st", st), ("gguf", gguf), ("orbax", orbax)):
-                label = {"st": "safetensors", "gguf": "GGUF F32", "orbax": "orbax"}[kind]
+            for label, kind, path, kwargs in loads:
+                if env is not None and kwargs != "{}":
+                    continue  # an older tree may not know the keyword
                 measures[f"load {label}{suffix}"] = (
                     kind,
-                    lambda path=path, env=env: runner.child(LOAD_CHILD, path, env),
+                    lambda path=path, env=env, kwargs=kwargs: runner.child(
+                        LOAD_CHILD, path, env, kwargs
+                    ),
                 )
+                in_place[f"load {label}{suffix}"] = (str(path), kwargs)
         samples: dict[str, list[tuple[float, float | None]]] = {k: [] for k in measures}
         names = list(measures)
         for r in range(args.repeats):
@@ -292,6 +348,9 @@ def main() -> None:
             rows,
         )
     )
+    used = [f"{k[5:]} {runner.mapped[key]}" for k, key in in_place.items() if key in runner.mapped]
+    if used:
+        print("\nweights used in place from the file (zero-copy) / all: " + "; ".join(used))
 
 
 if __name__ == "__main__":

@@ -151,8 +151,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not use JAX's persistent compilation cache (~/.cache/mistral_nnx/jax)",
     )
+    add_mmap_arg(p)
     p.add_argument(
         "-v", "--verbose", action="store_true", help="say what was loaded, how, and how long"
+    )
+
+
+def add_mmap_arg(p: argparse._ActionsContainer) -> None:
+    """--no-mmap, for every command that loads a model (finetune's parser calls this too)."""
+    p.add_argument(
+        "--no-mmap",
+        action="store_true",
+        help="copy the weights into process memory instead of using the safetensors or GGUF "
+        "file's pages in place (the file may then be changed while the model runs)",
     )
 
 
@@ -239,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace DST if it is a converted checkpoint (anything else is refused)",
     )
+    add_mmap_arg(conv)
     conv.add_argument("-v", "--verbose", action="store_true", help="say what was done")
 
     serve = sub.add_parser(
@@ -469,6 +481,7 @@ class _Session:
             mesh=self.mesh,
             rules=self.args.rules,
             progress=True,
+            mmap=not self.args.no_mmap,
         )
         self._say(f"weights loaded in {_since(t)} ({param_dtype.name}, compute {dtype.name})")
 
@@ -617,7 +630,7 @@ def cmd_convert(args: argparse.Namespace, interrupts: _Interrupts) -> int:
         check_replaceable(dst)
     fmt = detect_format(source)
     tokenizer = load_tokenizer(gguf_file(source)) if fmt == "gguf" else None
-    model = load_model(source, param_dtype=jnp.dtype(args.param_dtype))
+    model = load_model(source, param_dtype=jnp.dtype(args.param_dtype), mmap=not args.no_mmap)
     if isinstance(tokenizer, HFTokenizer):  # a GGUF's embedded tokenizer, as files
         out = save_model(model, dst, overwrite=args.overwrite, write_extra=tokenizer.save)
     else:

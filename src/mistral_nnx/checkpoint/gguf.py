@@ -19,8 +19,11 @@ rows at a time, straight into the output rows (the q/k reordering applied to the
 first): matrices stay ``[out, in]``, this model's layout too. Stacked experts are written as
 ``[E, in, out]`` (the layout of moe.py) and handed over as the ``[E, out, in]`` view of that
 buffer, which the loader's swap_last recognises and keeps. One pass over the output, no float32
-intermediate of the whole tensor. K-quants are decoded with gguf-py's ``gguf.quants``,
-imported only when a file has them (importing ``gguf`` costs ~0.4 s of a cold start).
+intermediate of the whole tensor. With ``mapped_dtype`` (zero-copy loading), an F32 / F16 / BF16
+tensor already stored in that dtype, 64-byte aligned in the file and needing no reordering comes
+as a read-only view of the file map instead, which the loader keeps as it is. K-quants are
+decoded with gguf-py's ``gguf.quants``, imported only when a file has them (importing ``gguf``
+costs ~0.4 s of a cold start).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from mistral_nnx.checkpoint.gguf_metadata import GGUFHeader, GGUFTensorInfo, read_gguf_header
-from mistral_nnx.checkpoint.safetensors_io import aligned_empty, in_halves, map_bytes
+from mistral_nnx.checkpoint.safetensors_io import ALIGN, aligned_empty, in_halves, map_bytes
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.errors import MistralNNXError
 
@@ -59,6 +63,12 @@ _TYPES: dict[int, tuple[str, int, int]] = {
     14: ("Q6_K", 256, 210),
 }
 SUPPORTED_TYPES = tuple(name for name, _, _ in _TYPES.values())
+# The float types a tensor can be handed over in without decoding (a view of the file).
+_PLAIN: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
 _ROWS_PER_BLOCK = 128  # rows dequantised at a time: a few hundred KB of scratch, cache-resident
 _WINDOW_BYTES = 16 << 20  # bytes of the file mapped at a time
 
@@ -153,13 +163,19 @@ def read_gguf_config(path: Path) -> MistralConfig:
         raise MistralNNXError(f"{path}: {e}") from None
 
 
-def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, np.ndarray]]:
+def iter_gguf_tensors(
+    path: Path, config: MistralConfig, mapped_dtype: np.dtype | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, float32 array)`` for every weight, dequantising one tensor at a time.
 
     All tensors are checked (present, expected shape, supported type, no extras) before the
     first is yielded. Every array is writable and owned; stacked experts come as the
     ``[E, out, in]`` view of a contiguous ``[E, in, out]`` buffer, everything else contiguous.
     ``lm_head.weight`` is yielded only when ``config.tie_word_embeddings`` is false.
+
+    ``mapped_dtype``: a tensor stored as an F32 / F16 / BF16 of exactly that dtype, at a 64-byte
+    aligned file offset and without the q/k row reordering, comes instead as a read-only view of
+    its file map, in that dtype (zero-copy loading: the model can hold it as it is).
     """
     path = Path(path)
     header = _open(path)
@@ -198,7 +214,15 @@ def iter_gguf_tensors(path: Path, config: MistralConfig) -> Iterator[tuple[str, 
             order = _rope_row_order(shape[0], config.num_heads)
         elif gguf_name.endswith(".attn_k.weight"):
             order = _rope_row_order(shape[0], config.num_kv_heads)
-        yield hf_name, _read(by_name[gguf_name], shape, path, order)
+        tensor = by_name[gguf_name]
+        if order is None and _mappable(tensor, shape, mapped_dtype):
+            try:
+                view = map_bytes(path, tensor.start, tensor.start + _nbytes(tensor))
+            except (OSError, ValueError) as e:
+                raise MistralNNXError(f"{path}: cannot read tensor '{gguf_name}' ({e})") from None
+            yield hf_name, view.view(mapped_dtype).reshape(shape)
+        else:
+            yield hf_name, _read(tensor, shape, path, order)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -357,6 +381,19 @@ def _type_name(kind: int) -> str:
 def _nbytes(tensor: GGUFTensorInfo) -> int:
     _, block, size = _TYPES[tensor.type]
     return int(np.prod(tensor.dims, dtype=np.int64)) // block * size
+
+
+def _mappable(tensor: GGUFTensorInfo, shape: tuple[int, ...], dtype: np.dtype | None) -> bool:
+    """Whether the tensor can be handed over as a view of the file: stored in `dtype` exactly,
+    not a stacked-experts tensor (those are transposed), and 64-byte aligned (else JAX would copy
+    it anyway, and the decoders below copy on two threads)."""
+    plain = _PLAIN.get(_TYPES[tensor.type][0])
+    return (
+        dtype is not None
+        and plain == np.dtype(dtype)
+        and len(shape) < 3
+        and tensor.start % ALIGN == 0
+    )
 
 
 def _rope_row_order(rows: int, n_heads: int) -> np.ndarray:

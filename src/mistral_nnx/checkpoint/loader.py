@@ -165,18 +165,33 @@ def load_model(
     rules: str | Rules | None = None,
     progress: bool = True,
     adapters: str | os.PathLike[str] | None = None,
+    mmap: bool = True,
 ) -> Mistral:
     """Load a checkpoint (HF safetensors, Mistral native, GGUF or this project's orbax format).
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`). With a
     `mesh`, every tensor goes straight into its shards under `rules` (a preset name or mapping).
     `adapters`: a LoRA adapter directory in PEFT's format, merged into the weights.
+
+    `mmap` (safetensors and GGUF; orbax ignores it): a tensor stored as the model holds it
+    (same dtype and layout, 64-byte aligned in the file) is used in place from the file's pages,
+    not copied. Like llama.cpp's mmap, the weights then share the page cache: truncating the
+    file in place while the model lives crashes the process (SIGBUS), and rewriting it in place
+    changes the weights; writers that replace files atomically (write elsewhere, then rename)
+    are safe. `mmap=False` copies every tensor into process memory, after which the file may
+    change or go.
     """
     if adapters is not None:
         from mistral_nnx.train.export import load_adapters
 
         base = load_model(
-            source, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress
+            source,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            mesh=mesh,
+            rules=rules,
+            progress=progress,
+            mmap=mmap,
         )
         return load_adapters(base, adapters)
     dtype = _float_dtype(dtype, "dtype")
@@ -195,8 +210,10 @@ def load_model(
 
         file = gguf_file(path)
         config = read_gguf_config(file)
+        # mmap: plain tensors already stored in param_dtype come as views of the file
+        mapped_dtype = np.dtype(param_dtype) if mmap else None
         tensors: Iterator[tuple[str, np.ndarray, Path]] = (
-            (n, w, file) for n, w in iter_gguf_tensors(file, config)
+            (n, w, file) for n, w in iter_gguf_tensors(file, config, mapped_dtype)
         )
     else:
         config = load_config(path)
@@ -220,7 +237,9 @@ def load_model(
     if config.is_moe:  # per-expert or packed expert tensors -> one stacked array per kind
         tensors = names.stack_experts(tensors, config)
     model = abstract_model(config, dtype, param_dtype)
-    model = place_tensors(model, tensors, config, param_dtype, sharder, str(path), progress)
+    model = place_tensors(
+        model, tensors, config, param_dtype, sharder, str(path), progress, mapped=mmap
+    )
     return attach_sharder(model, sharder)
 
 
@@ -274,12 +293,15 @@ def place_tensors(
     sharder: Sharder | None,
     source: str,
     progress: bool,
+    mapped: bool = False,
 ) -> Mistral:
-    """Map, transform, cast and place each tensor into the abstract model; all or nothing."""
+    """Map, transform, cast and place each tensor into the abstract model; all or nothing.
+    `mapped`: a tensor the model can use as it is stays a view of its file map (zero-copy)."""
     check_shardable(model, sharder)
     graphdef, state = nnx.split(model)
     targets = dict(nnx.to_flat_state(state))
-    table = names.hf_table(config, np.dtype(param_dtype))  # the cast is fused into the re-layout
+    # the cast is fused into the re-layout
+    table = names.hf_table(config, np.dtype(param_dtype), mapped)
     loaded: set[tuple[Any, ...]] = set()
     bar = tqdm(
         total=len(targets),
@@ -292,7 +314,8 @@ def place_tensors(
 
     def prepare(item: tuple[str, np.ndarray, Path]) -> tuple[tuple[Any, ...], np.ndarray] | None:
         """Name -> model path, layout change + cast, shape check (runs one tensor ahead, in a
-        thread). `array` may be a view of a file map: the transform copies it out."""
+        thread). `array` may be a view of a file map: the transform copies it out, or with
+        `mapped` keeps it when it is already what the model holds."""
         name, array, file = item
         if names.IGNORED_HF.match(name):
             return None
@@ -364,7 +387,10 @@ def _lookup(table: list[Any], name: str) -> tuple[tuple[Any, ...], Any] | None:
 
 def _place(value: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     """Put each device's slice, cast, on that device: no device sees the whole tensor unless its
-    sharding says so, and multi-host works (each process feeds only its own devices)."""
+    sharding says so, and multi-host works (each process feeds only its own devices). A slice
+    that is contiguous, 64-byte aligned and in `dtype` is adopted by JAX's CPU backend without a
+    copy (a read-only file map included: XLA never writes into it, donated or not); JAX copies
+    any other."""
     dtype = np.dtype(dtype)
     return jax.make_array_from_callback(
         value.shape, sharding, lambda index: np.ascontiguousarray(value[index], dtype=dtype)

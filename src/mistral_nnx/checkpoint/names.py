@@ -27,21 +27,22 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 
 def hf_table(
-    config: MistralConfig, dtype: np.dtype | None = None
+    config: MistralConfig, dtype: np.dtype | None = None, mapped: bool = False
 ) -> list[tuple[re.Pattern[str], Callable[[re.Match[str]], Path_], Transform]]:
     """(regex on the HF name, model path from the match, transform to our layout). Every
-    transform returns an array the model may keep (never a view of a file map), cast to `dtype`
-    (default: the input's) in the same pass as the re-layout."""
+    transform returns an array the model may keep, cast to `dtype` (default: the input's) in the
+    same pass as the re-layout. That is never a view of a file map unless `mapped`: then a
+    tensor that needs only a reshape (a view) and no cast may stay one (zero-copy loading)."""
     d, h, k, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
 
     def layer(*rest: str) -> Callable[[re.Match[str]], Path_]:
         return lambda m: ("layers", int(m.group(1)), *rest)
 
     def heads_out(n: int) -> Transform:  # [n*e, d] -> [n, e, d]
-        return lambda w: owned(w, dtype).reshape(n, e, d)
+        return lambda w: owned(w, dtype, mapped).reshape(n, e, d)
 
     def identity(w: np.ndarray) -> np.ndarray:
-        return owned(w, dtype)
+        return owned(w, dtype, mapped)
 
     def experts(w: np.ndarray) -> np.ndarray:
         return swap_last(w, dtype)
@@ -56,7 +57,7 @@ def hf_table(
         (
             r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight",
             layer("attn", "wo"),
-            lambda w: owned(w, dtype).reshape(d, h, e),
+            lambda w: owned(w, dtype, mapped).reshape(d, h, e),
         ),
         (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", layer("mlp", "gate"), identity),
         (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", layer("mlp", "up"), identity),

@@ -1,11 +1,15 @@
-"""A streaming safetensors reader: one tensor mapped at a time.
+"""A streaming safetensors reader (one tensor mapped at a time) and a writer for zero-copy loads.
 
-Each tensor comes as a read-only view of its own memory map of the file: the loader's copy (with
-the cast) then reads the page cache directly and writes the model's buffer once, with no
-intermediate copy. A map is released when its last view is dropped, so the file's pages leave
-this process's resident set tensor by tensor and peak host memory stays the placed model plus
-about one tensor. The header is validated up front, so a truncated or corrupt file fails before
-anything is placed.
+Each tensor comes as a read-only view of its own memory map of the file. A tensor the model can
+use as it is (no layout change, no cast, 64-byte aligned: see `owned`) is kept as that view:
+JAX's CPU backend adopts the page-cache pages without a copy, and the map lives as long as the
+model's array. Any other tensor is copied (with the cast) straight from the page cache into the
+model's buffer, and its map is released when the copy is done, so those pages leave this
+process's resident set tensor by tensor. The header is validated up front, so a truncated or
+corrupt file fails before anything is placed.
+
+`save_safetensors` writes files laid out so that every tensor can be adopted: the data starts at
+a 64-byte file offset, and the tensors whose sizes are multiples of 64 bytes come first.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import secrets
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +41,12 @@ _DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+_CODES: dict[np.dtype, str] = {dtype: code for code, dtype in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+# JAX's CPU backend adopts a numpy buffer without a copy only when its address is a multiple of
+# this; a file map starts on a page boundary, so a mapped tensor's address mod 64 is its file
+# offset mod 64.
+ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,7 @@ def read_header(path: Path) -> list[TensorInfo]:
     return infos
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = ALIGN) -> np.ndarray:
     """An uninitialised array whose data starts on a 64-byte boundary: JAX's CPU backend then
     adopts it without a copy (device_put / make_array_from_callback share its memory)."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -121,18 +131,23 @@ def in_halves(total: int, fn: Callable[[int, int], None], step: int = 128) -> No
     other.result()
 
 
-def owned(w: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
-    """`w` in `dtype` as an array the model may keep: `w` itself when it is writable (not a
-    view of a file map), C-contiguous and 64-byte aligned, else an aligned copy (cast fused)."""
+def owned(w: np.ndarray, dtype: np.dtype | None = None, mapped: bool = False) -> np.ndarray:
+    """`w` in `dtype` as an array the model may keep: `w` itself, or an aligned copy (cast fused).
+
+    `w` itself is kept when it is C-contiguous, 64-byte aligned and already in `dtype` (JAX then
+    adopts it without a copy), and either writable (a buffer a reader filled) or, with `mapped`,
+    a read-only view of a file map: the model then shares the file's page-cache pages (zero-copy
+    loading). Without `mapped` a file map is always copied out, so the file may change later."""
     dtype = w.dtype if dtype is None else np.dtype(dtype)
-    if w.flags.writeable and w.flags.c_contiguous and w.dtype == dtype and is_aligned(w):
+    keepable = w.flags.writeable or mapped
+    if keepable and w.flags.c_contiguous and w.dtype == dtype and is_aligned(w):
         return w
     out = aligned_empty(w.shape, dtype)
     out[...] = w
     return out
 
 
-def is_aligned(w: np.ndarray, align: int = 64) -> bool:
+def is_aligned(w: np.ndarray, align: int = ALIGN) -> bool:
     return w.ctypes.data % align == 0
 
 
@@ -194,3 +209,70 @@ def shard_files(directory: Path, index_name: str, single_name: str) -> list[Path
                 raise MistralNNXError(f"{index}: lists shard '{f.name}' which is missing")
         return files
     return [directory / single_name]
+
+
+def save_safetensors(
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `tensors` as one .safetensors file that load_model can map without copying.
+
+    The format's usual layout (8-byte little-endian header length, JSON header, the data with no
+    holes), arranged for 64-byte alignment: the JSON is padded with trailing spaces (which the
+    format allows) so that the data starts at a 64-byte file offset, and the tensors whose byte
+    sizes are multiples of 64 come first, so that all of those start 64-byte aligned (the others
+    follow, in the order given). The file is written under a temporary name in the same
+    directory and renamed over `path` (atomic): a process that has the old file mapped keeps its
+    pages, and an error midway leaves the old file as it was. Arrays need not be contiguous."""
+    path = Path(path)
+    arrays: dict[str, tuple[str, np.ndarray]] = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise MistralNNXError(f"{path}: bad tensor name {name!r}")
+        array = np.asarray(value)
+        little = array.dtype.newbyteorder("<")  # the format is little-endian
+        code = _CODES.get(little)
+        if code is None:
+            raise MistralNNXError(
+                f"{path}: tensor '{name}' has dtype {array.dtype}, which safetensors cannot store "
+                f"(supported: {', '.join(str(d) for d in _DTYPES.values())})"
+            )
+        # np.asarray, not np.ascontiguousarray: that one turns a 0-d array into shape [1]
+        arrays[name] = (code, np.asarray(array, dtype=little, order="C"))
+    if metadata is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise MistralNNXError(f"{path}: safetensors metadata must map strings to strings")
+
+    order = [n for n, (_, a) in arrays.items() if a.nbytes % ALIGN == 0]
+    order += [n for n, (_, a) in arrays.items() if a.nbytes % ALIGN != 0]
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in order:
+        code, array = arrays[name]
+        header[name] = {
+            "dtype": code,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)  # the data starts at a multiple of ALIGN
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # created as open() creates files (umask), unlike mkstemp
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name in order:
+                f.write(arrays[name][1].reshape(-1).view(np.uint8).data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise MistralNNXError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
+    return path

@@ -119,6 +119,9 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--save-merged", action="store_true", help="also write merged HF weights (LoRA)"
     )
     run.add_argument("--plot", action="store_true", help="write the loss curve to OUT/loss.png")
+    from mistral_nnx.cli import add_mmap_arg  # defined once, with the other commands' options
+
+    add_mmap_arg(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -178,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         resume=args.resume,
         save_merged=args.save_merged,
         progress=not args.quiet,
+        mmap=not args.no_mmap,
     )
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mistral_nnx.checkpoint.safetensors_io import save_safetensors
 from mistral_nnx.config import MistralConfig
 from mistral_nnx.errors import MistralNNXError
 from mistral_nnx.model import Mistral
@@ -240,14 +241,13 @@ def save_merged_hf(
     alone, as a text checkpoint of its text config's type (Ministral3ForCausalLM or
     MistralForCausalLM): the vision tower and projector are never read into our model, so image
     inputs still need the original checkpoint."""
-    from safetensors.numpy import save_file
-
     plain = merge_lora(model, lora.scaling) if lora is not None else model
     config = hf_config(plain.config, str(np.dtype(plain.embed[...].dtype)))
     tensors = hf_tensors(plain)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # 64-byte aligned: load_model maps the tensors it can use as they are (zero-copy)
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         for f in tokenizer_files:
             shutil.copy2(f, tmp / Path(f).name)
@@ -445,8 +445,6 @@ def save_adapters(
     overwrite: bool = False,
 ) -> Path:
     """adapter_config.json + adapter_model.safetensors, loadable by PeftModel.from_pretrained."""
-    from safetensors.numpy import save_file
-
     tensors = peft_tensors(model)
     module_tensors = [n for n in tensors if ".mlp.experts." not in n]
     modules = sorted({name.split(".")[-3] for name in module_tensors})
@@ -485,7 +483,7 @@ def save_adapters(
         )
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
 
     return _atomic_dir(Path(out), write, overwrite)

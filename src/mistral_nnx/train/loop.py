@@ -45,6 +45,7 @@ class FinetuneConfig:
     resume: bool = False
     save_merged: bool = False
     progress: bool = True
+    mmap: bool = True  # load_model's: use the checkpoint file's pages in place where it can
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len"):
@@ -100,6 +101,7 @@ def _load(cfg: FinetuneConfig) -> tuple[Mistral, Tokenizer, Path, list[Path]]:
         mesh=mesh,
         rules=cfg.rules,
         progress=cfg.progress,
+        mmap=cfg.mmap,
     )
     files = [] if fmt == "gguf" else [source / n for n in TOKENIZER_FILES if (source / n).is_file()]
     return model, tokenizer, source, files
