@@ -140,7 +140,6 @@ class Attention(nnx.Module):
         # always without a cache, and when the cache was empty (a first prefill chunk).
         general: Callable[[], jax.Array]
         k_self, v_self, alone = k, v, None
-        write_after = False
         if cache is None:
             general = functools.partial(attend, q, k, v, positions, new_pos, window)
         elif cache.can_write_before_read(x.shape[1]):
@@ -150,19 +149,8 @@ class Attention(nnx.Module):
                 k.astype(cache.k.dtype).astype(dt),
                 v.astype(cache.v.dtype).astype(dt),
             )
-            if x.shape[1] == 1 and not sharded_activations():
-                # Decode: attend over the cache as it was plus the token's own key, and only
-                # then write. Read back from the written buffer, the attention made XLA:CPU
-                # apply the write twice (once for the loop carry, once fused into the read),
-                # each on its own copy of the whole buffer: four copies of k and v per layer
-                # per step at batch 1, 15% of a step at 256 slots (RESULTS section 15). Not
-                # when sharded: the write's order dependency below would cross devices.
-                own = (k_self, v_self, cache.slots(positions, valid)[:, 0])
-                general = functools.partial(attend_filled, q, cache, positions, window, dt, own)
-                write_after = True
-            else:
-                cache = cache.write(k, v, positions, valid)
-                general = functools.partial(attend_filled, q, cache, positions, window, dt)
+            cache = cache.write(k, v, positions, valid)
+            general = functools.partial(attend_filled, q, cache, positions, window, dt)
         else:
             # A ring buffer taking a multi-token chunk: attend over the old entries plus the
             # chunk, then keep the newest entries.
@@ -179,13 +167,6 @@ class Attention(nnx.Module):
             alone = jnp.bool_(True)
             general = functools.partial(attend, q, k_self, v_self, positions, new_pos, window)
         out = attend_chunk(q, k_self, v_self, positions, valid, window, general, alone)
-        if write_after:
-            assert cache is not None
-            # The write must follow the read for XLA to update the buffers in place; an
-            # optimization barrier does not order them on XLA:CPU, a data dependency does:
-            # max(position, 0 or -1 from the sign bit of the result) is the position itself.
-            sign = jax.lax.bitcast_convert_type(out[:, :, 0, 0], jnp.int32) >> 31
-            cache = cache.write(k, v, jnp.maximum(positions, sign), valid)
 
         # Likewise one 2-D contraction over (heads x head_dim), wo [D, H, E] read as [D, H*E].
         h, e = out.shape[2:]
@@ -224,22 +205,13 @@ def attend_chunk(
     )
 
 
-Own = tuple[jax.Array, jax.Array, jax.Array]  # k, v [B,1,K,E] of one new token, its slot [B]
-
-
 def attend_filled(
-    q: jax.Array,
-    cache: LayerKV,
-    q_pos: jax.Array,
-    window: int | None,
-    dtype: Dtype,
-    own: Own | None = None,
+    q: jax.Array, cache: LayerKV, q_pos: jax.Array, window: int | None, dtype: Dtype
 ) -> jax.Array:
-    """Attention over a cache the new keys are already in, or (`own`, one token) over the cache
-    before its write plus the token's own key: the same keys, since the slot being written is
-    left out. A long full-attention buffer is read only up to a prefix covering every filled
-    slot (slot = position < max query position + 1): the prefix size is chosen on the device
-    among a few static sizes, so nothing recompiles as the sequence grows."""
+    """Attention over a cache the new keys are already in. A long full-attention buffer is read
+    only up to a prefix covering every filled slot (slot = position < max query position + 1):
+    the prefix size is chosen on the device among a few static sizes, so nothing recompiles as
+    the sequence grows."""
     c = cache.capacity
     sizes = [n for n in (c // 8, c // 4, c // 2) if n >= PREFIX_MIN] + [c]
 
@@ -248,7 +220,7 @@ def attend_filled(
             # Sliced inside the branch: slices taken outside would be switch operands, every
             # size materialised as a copy of the cache in every layer at every step.
             k, v, pos = cache.k[:, :, :n], cache.v[..., :n], cache.pos[:, :n]
-            return attend_kv(q, k.astype(dtype), v.astype(dtype), q_pos, pos, window, own)
+            return attend_kv(q, k.astype(dtype), v.astype(dtype), q_pos, pos, window)
 
         return branch
 
@@ -275,18 +247,9 @@ def attend(
 
 
 def attend_kv(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_pos: jax.Array,
-    k_pos: jax.Array,
-    window: int | None,
-    own: Own | None = None,
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, window: int | None
 ) -> jax.Array:
-    """`attend` with keys and values in the KV cache's layout: k [B,K,S,E], v [B,K,E,S]. With
-    `own` (a single query token): its own key and value join these, and key slot own[2] is
-    left out (the slot the token is written to; S or more when it is not written, and then its
-    own key is not seen either)."""
+    """`attend` with keys and values in the KV cache's layout: k [B,K,S,E], v [B,K,E,S]."""
     b, t, h, e = q.shape
     kv_heads = k.shape[1]
     g = h // kv_heads
@@ -306,42 +269,12 @@ def attend_kv(
     mask = (kp >= 0) & (kp <= qp)
     if window is not None:
         mask &= qp - kp < window
-    if own is not None:
-        return _attend_one_with_own(grouped, scores, mask, v, own)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if t == 1:
         return jnp.einsum("bkgts,bkes->btkge", probs, v).reshape(b, t, h, e)
     out = jax.lax.dot_general(probs.reshape(b, kv_heads, g * t, -1), v, per_head)  # [B,K,G*T,E]
     return out.reshape(b, kv_heads, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
-
-
-def _attend_one_with_own(
-    grouped: jax.Array, scores: jax.Array, mask: jax.Array, v: jax.Array, own: Own
-) -> jax.Array:
-    """The end of `attend_kv` for one query token whose own key and value are not in k and v:
-    grouped q [B,1,K,G,E], scores over the cached keys [B,K,G,1,S] (scaled), mask [B,1,S]. One
-    softmax over the S cached keys and the own key, without concatenating them (which would
-    copy the cache)."""
-    k_own, v_own, slot = own
-    b, _, kv_heads, g, e = grouped.shape
-    lowest = jnp.finfo(jnp.float32).min
-    mask &= jnp.arange(mask.shape[-1]) != slot[:, None, None]  # the slot being overwritten
-    scores = jnp.where(mask[:, None, None], scores, lowest)
-    own_score = jnp.einsum(
-        "btkge,btke->bkgt", grouped, k_own.astype(grouped.dtype), preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(e))
-    written = (slot < mask.shape[-1])[:, None, None, None]  # [B,1,1,1], as the scores' B,K,G,T
-    own_score = jnp.where(written, own_score, lowest)
-    top = jnp.maximum(jnp.max(scores, axis=-1), own_score)  # [B,K,G,1]
-    weights = jnp.exp(scores - top[..., None])
-    own_weight = jnp.exp(own_score - top)
-    total = jnp.sum(weights, axis=-1) + own_weight
-    probs = (weights / total[..., None]).astype(v.dtype)
-    own_prob = (own_weight / total).astype(v.dtype)  # [B,K,G,1]
-    out = jnp.einsum("bkgts,bkes->btkge", probs, v)
-    out = out + own_prob.transpose(0, 3, 1, 2)[..., None] * v_own.astype(v.dtype)[:, :, :, None]
-    return out.reshape(b, 1, kv_heads * g, e)
 
 
 class MLP(nnx.Module):
