@@ -187,6 +187,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run_finetune(args: argparse.Namespace, interrupts: Any = None) -> int:
     """The `finetune` command: 0 on success (errors raise MistralNNXError)."""
+    from mistral_nnx.train.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts its threads (see host_memory)
     from mistral_nnx.train.loop import finetune
     from mistral_nnx.train.plot import loss_curve_png
 
