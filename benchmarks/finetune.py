@@ -175,6 +175,103 @@ def cpu(args: argparse.Namespace) -> None:
     )
 
 
+def lora_worker(args: argparse.Namespace) -> None:
+    """One stack's LoRA steps in this process (`--worker ours|peft`), as its users run it: ours
+    with the host-memory setting `mistral-nnx finetune` applies (unless `--malloc default`),
+    PEFT with glibc's defaults. Prints one JSON line: step times and the last loss."""
+    import json
+
+    if args.worker == "ours" and args.malloc == "training":
+        from mistral_nnx.train.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # before anything starts JAX, as the CLI does
+    import peft
+    import torch
+    import transformers
+
+    import mistral_nnx
+    from mistral_nnx.cli import default_model
+
+    source = default_model()
+    data = batches(mistral_nnx.load_tokenizer(source), args.batch_size, args.seq_len, args.k + 1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    )
+    torch.manual_seed(0)  # the same LoRA init in both processes
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    if args.worker == "peft":
+        pm.train()
+        params = [p for p in pm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+        def step(b: dict[str, np.ndarray]) -> float:
+            return torch_step(pm, params, opt, b)
+    else:
+        from mistral_nnx.train.export import set_peft_tensors
+        from mistral_nnx.train.lora import LoraConfig, apply_lora
+        from mistral_nnx.train.step import OptimConfig, Trainer
+
+        init = {
+            k.replace(".default", ""): v.detach().numpy().copy()
+            for k, v in pm.state_dict().items()
+            if "lora_" in k
+        }
+        model = apply_lora(mistral_nnx.load_model(source, progress=False), LoraConfig(16, 32.0))
+        set_peft_tensors(model, init, "peft")
+        del pm, hf
+        optim = OptimConfig(steps=1000, lr=1e-4, schedule="constant", clip=1.0)
+        trainer = Trainer(model, optim)
+
+        def step(b: dict[str, np.ndarray]) -> float:
+            return float(trainer.step(b)["loss"])
+
+    step(data[0])  # compile / warm-up
+    times, loss = [], float("nan")
+    for b in data[1:]:
+        t = time.perf_counter()
+        loss = step(b)
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"times": times, "loss": loss}))
+
+
+def lora_processes(args: argparse.Namespace) -> None:
+    """LoRA, each stack in its own fresh process, alternated `--rounds` times: ours as
+    `mistral-nnx finetune` runs (its host-memory setting), ours with glibc's defaults, PEFT."""
+    import json
+    import subprocess
+
+    arms = [("ours", "training"), ("ours", "default"), ("peft", "default")]
+    common = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    common += ["-k", str(args.k)]
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {arm: [] for arm in arms}
+    print(header("finetune: LoRA, one process per stack, alternated (CPU, float32)"))
+    print(versions(["jax", "flax", "optax", "qwix", "torch", "transformers", "peft"]))
+    print(f"batch {args.batch_size} x {args.seq_len} tokens; {args.k} timed steps per process")
+    for r in range(args.rounds):
+        for worker, malloc in arms:
+            cmd = [sys.executable, __file__, "--worker", worker, "--malloc", malloc, *common]
+            run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[worker, malloc].append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(f"  round {r + 1}/{args.rounds} done", flush=True)
+    tokens = args.batch_size * args.seq_len
+    peft_times = [t for res in results["peft", "default"] for t in res["times"]]
+    rows = []
+    for worker, malloc in arms:
+        times = [t for res in results[worker, malloc] for t in res["times"]]
+        rows.append(
+            [
+                "mistral_nnx" if worker == "ours" else "HF PEFT + torch",
+                "finetune CLI's (keep freed memory)" if malloc == "training" else "glibc default",
+                f"{tokens / median(times):.0f}",
+                f"{median(peft_times) / median(times):.2f}",
+                f"{min(peft_times) / min(times):.2f}",
+                " / ".join(f"{res['loss']:.4f}" for res in results[worker, malloc]),
+            ]
+        )
+    heads = ["stack", "malloc", "tok/s (median)", "vs PEFT (medians)", "vs PEFT (best)"]
+    print(table([*heads, "last loss per process"], rows))
+
+
 def qlora_memory(args: argparse.Namespace) -> None:
     """SmolLM2, LoRA r16 on a float32 base vs QLoRA (int8, int4, nf4 bases, blocks of 64): the
     bytes of the frozen base and XLA's account of one compiled train step. Compile-time
@@ -336,8 +433,17 @@ def main() -> None:
     parser.add_argument(
         "--qlora-memory", action="store_true", help="smollm2: LoRA vs QLoRA step memory only"
     )
+    parser.add_argument(
+        "--processes", action="store_true", help="smollm2 LoRA: each stack in its own process"
+    )
+    parser.add_argument("--worker", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", choices=["training", "default"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.qlora_memory:
+    if args.worker:
+        lora_worker(args)
+    elif args.processes:
+        lora_processes(args)
+    elif args.qlora_memory:
         qlora_memory(args)
     elif args.preset == "smollm2":
         cpu(args)
