@@ -154,3 +154,38 @@ def test_convert_gguf_to_orbax_keeps_tokenizer(ours, smollm2_path, tmp_path):
     a = generate(model, [ids], tokenizer=tokenizer, max_new_tokens=12)[0]
     b = generate(converted, [ids], tokenizer=carried, max_new_tokens=12)[0]
     assert a.tokens == b.tokens and a.text == b.text
+
+
+def test_convert_gguf_to_aligned_safetensors(ours, smollm2_path, tmp_path):
+    """convert --format safetensors: an HF directory whose every weight loads without a copy
+    (mapped from the file), the same weights as the GGUF's, and its tokenizer carried; a second
+    convert replaces a directory it wrote, never one holding anything else."""
+    import jax
+    from file_maps import file_maps
+    from flax import nnx
+
+    from mistral_nnx.cli import main
+
+    model, tokenizer = ours
+    dst = tmp_path / "smol"
+    convert = ["convert", "--format", "safetensors", str(smollm2_path), str(dst)]
+    assert main(convert) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in dst.iterdir()}
+    converted = mn.load_model(dst, progress=False)
+    maps = file_maps(dst / "model.safetensors")
+    params = jax.tree.leaves(nnx.state(converted, nnx.Param))
+    copied = [
+        p.shape
+        for p in params
+        if not any(lo <= p.unsafe_buffer_pointer() < hi for lo, hi, _ in maps)
+    ]
+    assert not copied, f"{len(copied)} of {len(params)} weights were copied"
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), params, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    carried = load_tokenizer(dst)
+    assert carried.encode_chat(MESSAGES) == tokenizer.encode_chat(MESSAGES)
+    assert carried.eos_ids == tokenizer.eos_ids
+    assert main([*convert, "--overwrite"]) == 0
+    (dst / "notes.txt").write_text("mine")
+    assert main([*convert, "--overwrite"]) == 2
+    assert (dst / "notes.txt").read_text() == "mine"

@@ -227,10 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser(
         "convert",
-        help="convert a checkpoint to this project's orbax format",
-        description="Convert a checkpoint into this project's orbax format (fast to load, "
-        "shardable), carrying its tokenizer files. The destination is written under a temporary "
-        "name and renamed into place when complete.",
+        help="convert a checkpoint to this project's orbax format or to aligned safetensors",
+        description="Convert a checkpoint into this project's orbax format (shardable, "
+        "multi-host) or, with --format safetensors, into an HF directory (model.safetensors + "
+        "config.json) whose tensors are 64-byte aligned, so that loading maps them without a "
+        "copy (a GGUF is dequantised once, here). Its tokenizer files come along. The "
+        "destination is written under a temporary name and renamed into place when complete.",
         formatter_class=_Formatter,
     )
     conv.add_argument(
@@ -244,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         choices=["float32", "bfloat16"],
         help="dtype of the stored weights",
+    )
+    conv.add_argument(
+        "--format",
+        default="orbax",
+        choices=["orbax", "safetensors"],
+        help="what to write: orbax, or HF safetensors laid out for zero-copy loading",
     )
     conv.add_argument(
         "--overwrite",
@@ -627,18 +635,42 @@ def cmd_convert(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     if dst.exists() or dst.is_symlink():
         if not args.overwrite:
             raise MistralNNXError(f"{dst}: already exists (pass --overwrite to replace it)")
-        check_replaceable(dst)
+        if args.format == "orbax" or not _converted_hf_dir(dst):
+            check_replaceable(dst)
     fmt = detect_format(source)
     tokenizer = load_tokenizer(gguf_file(source)) if fmt == "gguf" else None
     model = load_model(source, param_dtype=jnp.dtype(args.param_dtype), mmap=not args.no_mmap)
-    if isinstance(tokenizer, HFTokenizer):  # a GGUF's embedded tokenizer, as files
+    extra = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+    extra += sorted(source.glob("tokenizer.model.v*"))
+    if args.format == "safetensors":
+        import tempfile
+
+        from mistral_nnx.train.export import save_merged_hf
+
+        with tempfile.TemporaryDirectory() as scratch:
+            if isinstance(tokenizer, HFTokenizer):  # a GGUF's embedded tokenizer, as files
+                extra = tokenizer.save(Path(scratch))
+            out = save_merged_hf(model, dst, tokenizer_files=extra, overwrite=args.overwrite)
+    elif isinstance(tokenizer, HFTokenizer):
         out = save_model(model, dst, overwrite=args.overwrite, write_extra=tokenizer.save)
     else:
-        extra = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
-        extra += sorted(source.glob("tokenizer.model.v*"))
         out = save_model(model, dst, overwrite=args.overwrite, extra_files=extra)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _converted_hf_dir(path: Path) -> bool:
+    """A directory `convert --format safetensors` could have written: model.safetensors,
+    config.json and tokenizer files, nothing else (only such a directory is replaced)."""
+    from mistral_nnx.checkpoint.orbax_io import TOKENIZER_FILES
+
+    if not path.is_dir() or path.is_symlink() or not (path / "model.safetensors").is_file():
+        return False
+    allowed = {"model.safetensors", "config.json", *TOKENIZER_FILES}
+    return all(
+        p.is_file() and (p.name in allowed or p.name.startswith("tokenizer.model.v"))
+        for p in path.iterdir()
+    )
 
 
 SERVE_DEFAULT_MAX_SEQ_LEN = 2048
