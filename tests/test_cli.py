@@ -585,3 +585,39 @@ def test_chat_reset_hint_only_when_the_history_is_the_cause(monkeypatch, capsys,
     assert len(errors) == 2 and len(prompts) == 1, err
     assert "the message" in errors[0] and "/reset" not in errors[0]
     assert "the conversation" in errors[1] and "/reset clears the history" in errors[1]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "convert", "finetune", None])
+def test_no_mmap_reaches_the_loader(command, smollm2_path, tmp_path, monkeypatch):
+    """--no-mmap on every command that loads a model asks load_model to copy the weights
+    (mmap=False); without it, the default (mapped) is asked for."""
+    import socket
+
+    from mistral_nnx.checkpoint import loader
+    from mistral_nnx.errors import MistralNNXError
+
+    directory = str(smollm2_path)
+    asked = []
+
+    def load_model(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("mmap", True))
+        raise MistralNNXError("stopped before loading")
+
+    monkeypatch.setattr(loader, "load_model", load_model)
+    with socket.socket() as s:  # a free port for serve
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    argv = {
+        "generate": ["generate", "--model", directory, "Hi"],
+        "chat": ["chat", "--model", directory],
+        "serve": ["serve", "--model", directory, "--port", port],
+        "convert": ["convert", directory, str(tmp_path / "out")],
+        "finetune": ["finetune", "--model", directory, "--data", str(data), "--out", str(tmp_path)],
+    }
+    for name, args in argv.items():
+        if command is None or name == command:
+            extra = [] if command is None else ["--no-mmap"]
+            assert main([args[0], *extra, *args[1:]]) == 2, name
+    assert asked == ([True] * 5 if command is None else [False])
