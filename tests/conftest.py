@@ -29,6 +29,42 @@ def randomize_norms(model: Any, seed: int = 0) -> None:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
 
 
+_NATIVE_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_NATIVE_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def hf_to_native(hf: dict[str, Any], heads: int, kv_heads: int) -> dict[str, Any]:
+    """HF text-model tensors under Mistral-native names (consolidated.safetensors), q/k rows
+    turned from HF's half-rotation order into Mistral's interleaved RoPE pairs."""
+    out = {}
+    for name, w in hf.items():
+        if name in _NATIVE_NAMES:
+            out[_NATIVE_NAMES[name]] = w
+            continue
+        parts = name.split(".")
+        inner = _NATIVE_LAYER_NAMES[".".join(parts[3:-1])]
+        n = {"attention.wq": heads, "attention.wk": kv_heads}.get(inner)
+        if n is not None:
+            rows, cols = w.shape
+            w = w.reshape(n, 2, rows // n // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+        out[f"layers.{parts[2]}.{inner}.weight"] = w
+    return out
+
+
 def build_hf(kind: str, directory: Path, seed: int = 0, **overrides: Any) -> Any:
     """Create and save a tiny random HF model of `kind`; returns the torch model (eval, f32)."""
     import torch

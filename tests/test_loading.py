@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import hf_to_native
 from safetensors.numpy import save_file
 
 import mistral_nnx as mn
@@ -31,45 +32,13 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _half_to_interleaved(w: np.ndarray, heads: int) -> np.ndarray:
-    """HF q/k rows -> Mistral-native interleaved RoPE rows (what Mistral's own files hold)."""
-    rows, cols = w.shape
-    e = rows // heads
-    return w.reshape(heads, 2, e // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
 def _write_native(hf_model, directory: Path, params: dict) -> None:
-    hf_to_native = {
-        "model.embed_tokens.weight": "tok_embeddings.weight",
-        "model.norm.weight": "norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    per_layer = {
-        "self_attn.q_proj": "attention.wq",
-        "self_attn.k_proj": "attention.wk",
-        "self_attn.v_proj": "attention.wv",
-        "self_attn.o_proj": "attention.wo",
-        "mlp.gate_proj": "feed_forward.w1",
-        "mlp.down_proj": "feed_forward.w2",
-        "mlp.up_proj": "feed_forward.w3",
-        "input_layernorm": "attention_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    out = {}
-    for name, tensor in hf_model.state_dict().items():
-        w = tensor.numpy().copy()
-        if name in hf_to_native:
-            out[hf_to_native[name]] = w
-            continue
-        _, _, i, *rest = name.split(".")
-        module = ".".join(rest[:-1])
-        if module == "self_attn.q_proj":
-            w = _half_to_interleaved(w, params["n_heads"])
-        elif module == "self_attn.k_proj":
-            w = _half_to_interleaved(w, params["n_kv_heads"])
-        out[f"layers.{i}.{per_layer[module]}.weight"] = w
+    hf = {name: t.numpy().copy() for name, t in hf_model.state_dict().items()}
     directory.mkdir()
-    save_file(out, directory / "consolidated.safetensors")
+    save_file(
+        hf_to_native(hf, params["n_heads"], params["n_kv_heads"]),
+        directory / "consolidated.safetensors",
+    )
     (directory / "params.json").write_text(json.dumps(params))
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_norms
+from conftest import hf_to_native, randomize_norms
 from safetensors.numpy import load_file, save_file
 
 import mistral_nnx as mn
@@ -217,40 +217,9 @@ def test_greedy_generation_of_a_ragged_batch(models):
 
 
 # ---- Mistral native params.json ------------------------------------------------------------------
-def _native(hf: dict[str, np.ndarray], heads: int, kv_heads: int) -> dict[str, np.ndarray]:
-    names = {
-        "self_attn.q_proj": "attention.wq",
-        "self_attn.k_proj": "attention.wk",
-        "self_attn.v_proj": "attention.wv",
-        "self_attn.o_proj": "attention.wo",
-        "mlp.gate_proj": "feed_forward.w1",
-        "mlp.down_proj": "feed_forward.w2",
-        "mlp.up_proj": "feed_forward.w3",
-        "input_layernorm": "attention_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    out = {}
-    for name, w in hf.items():
-        if name == "model.embed_tokens.weight":
-            out["tok_embeddings.weight"] = w
-        elif name == "model.norm.weight":
-            out["norm.weight"] = w
-        elif name == "lm_head.weight":
-            out["output.weight"] = w
-        else:
-            parts = name.split(".")
-            inner = names[".".join(parts[3:-1])]
-            n = {"attention.wq": heads, "attention.wk": kv_heads}.get(inner)
-            if n is not None:  # HF half-rotation rows -> Mistral's interleaved pairs
-                rows, cols = w.shape
-                w = w.reshape(n, 2, rows // n // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-            out[f"layers.{parts[2]}.{inner}.weight"] = w
-    return out
-
-
 def test_native_yarn_and_llama4_blocks_match_hf(models, tmp_path):
     directory, hf_model = models["ministral3"]
-    save_file(_native(load_file(str(directory / "model.safetensors")), 4, 2),
+    save_file(hf_to_native(load_file(str(directory / "model.safetensors")), 4, 2),
               str(tmp_path / "consolidated.safetensors"))  # fmt: skip
     params = {
         "dim": 64,
@@ -361,7 +330,7 @@ def test_native_vision_language_checkpoint_reads_its_text_model(models, tmp_path
         for k, v in load_file(str(directory / "model.safetensors")).items()
         if k.startswith("language_model.")
     }
-    native = _native(text, 4, 2)
+    native = hf_to_native(text, 4, 2)
     native["vision_encoder.transformer.layers.0.attention.wq.weight"] = np.ones((16, 16), "f4")
     native["vision_language_adapter.w_in.weight"] = np.ones((64, 16), "f4")
     save_file(native, str(tmp_path / "consolidated.safetensors"))

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import build_hf
+from conftest import build_hf, hf_to_native
 from file_maps import file_maps
 from flax import nnx
 from safetensors import safe_open
@@ -138,38 +138,7 @@ def test_native_checkpoint_maps_all_but_q_and_k(aligned: Path, tmp_path: Path) -
     """Mistral-native files: q/k rows are reordered (copied), everything else is mapped."""
     tensors = load_file(str(aligned / "model.safetensors"))
     heads, kv_heads, e = 4, 2, 16
-
-    def interleave(w: np.ndarray, n: int) -> np.ndarray:
-        return w.reshape(n, 2, e // 2, -1).swapaxes(1, 2).reshape(w.shape)
-
-    rename = {
-        "model.embed_tokens.weight": "tok_embeddings.weight",
-        "model.norm.weight": "norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    modules = {
-        "self_attn.q_proj": "attention.wq",
-        "self_attn.k_proj": "attention.wk",
-        "self_attn.v_proj": "attention.wv",
-        "self_attn.o_proj": "attention.wo",
-        "mlp.gate_proj": "feed_forward.w1",
-        "mlp.down_proj": "feed_forward.w2",
-        "mlp.up_proj": "feed_forward.w3",
-        "input_layernorm": "attention_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    native = {}
-    for name, w in tensors.items():
-        if name in rename:
-            native[rename[name]] = w
-            continue
-        _, _, i, rest = name.split(".", 3)
-        module = rest.removesuffix(".weight")
-        if module == "self_attn.q_proj":
-            w = interleave(w, heads)
-        elif module == "self_attn.k_proj":
-            w = interleave(w, kv_heads)
-        native[f"layers.{i}.{modules[module]}.weight"] = w
+    native = hf_to_native(tensors, heads, kv_heads)
     directory = tmp_path / "native"
     directory.mkdir()
     save_safetensors(native, directory / "consolidated.safetensors")
