@@ -662,13 +662,12 @@ def cmd_convert(args: argparse.Namespace, interrupts: _Interrupts) -> int:
 def _converted_hf_dir(path: Path) -> bool:
     """A directory `convert --format safetensors` could have written: model.safetensors,
     config.json and tokenizer files, nothing else (only such a directory is replaced)."""
-    from mistral_nnx.checkpoint.orbax_io import TOKENIZER_FILES
+    from mistral_nnx.checkpoint.orbax_io import is_tokenizer_file
 
     if not path.is_dir() or path.is_symlink() or not (path / "model.safetensors").is_file():
         return False
-    allowed = {"model.safetensors", "config.json", *TOKENIZER_FILES}
     return all(
-        p.is_file() and (p.name in allowed or p.name.startswith("tokenizer.model.v"))
+        (p.is_file() and p.name in ("model.safetensors", "config.json")) or is_tokenizer_file(p)
         for p in path.iterdir()
     )
 

@@ -129,7 +129,7 @@ def check_replaceable(path: Path) -> None:
             f"{path}: exists and is not a mistral_nnx checkpoint; refusing to overwrite it"
         )
     foreign = [
-        p.name for p in path.iterdir() if not (p.name in (MARKER, "state") or _is_tokenizer_file(p))
+        p.name for p in path.iterdir() if not (p.name in (MARKER, "state") or is_tokenizer_file(p))
     ]
     if foreign:
         shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -139,7 +139,7 @@ def check_replaceable(path: Path) -> None:
         )
 
 
-def _is_tokenizer_file(path: Path) -> bool:
+def is_tokenizer_file(path: Path) -> bool:
     return path.is_file() and (
         path.name in TOKENIZER_FILES or path.name.startswith("tokenizer.model.v")
     )
