@@ -56,6 +56,16 @@ def torch_step(pm: Any, params: list[Any], opt: Any, b: dict[str, np.ndarray]) -
     return float(out.loss.detach())
 
 
+def peft_init(pm: Any) -> dict[str, np.ndarray]:
+    """A PEFT model's LoRA tensors (copies, named as set_peft_tensors reads them): the initial
+    adapters our model starts from, so that both stacks train the same LoRA."""
+    return {
+        k.replace(".default", ""): v.detach().numpy().copy()
+        for k, v in pm.state_dict().items()
+        if "lora_" in k
+    }
+
+
 def step_memory(trainer: Any, batch: dict[str, np.ndarray]) -> float:
     """GB XLA reserves for one compiled train step."""
     from mistral_nnx.train.step import train_step
@@ -98,11 +108,7 @@ def cpu(args: argparse.Namespace) -> None:
             pm = peft.get_peft_model(
                 hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
             )
-            init = {
-                k.replace(".default", ""): v.detach().numpy().copy()
-                for k, v in pm.state_dict().items()
-                if "lora_" in k
-            }
+            init = peft_init(pm)
             wrt: Any = nnx.LoRAParam
         else:
             pm, wrt, init = hf, nnx.Param, {}
@@ -211,11 +217,7 @@ def lora_worker(args: argparse.Namespace) -> None:
         from mistral_nnx.train.lora import LoraConfig, apply_lora
         from mistral_nnx.train.step import OptimConfig, Trainer
 
-        init = {
-            k.replace(".default", ""): v.detach().numpy().copy()
-            for k, v in pm.state_dict().items()
-            if "lora_" in k
-        }
+        init = peft_init(pm)
         model = apply_lora(mistral_nnx.load_model(source, progress=False), LoraConfig(16, 32.0))
         set_peft_tensors(model, init, "peft")
         del pm, hf
