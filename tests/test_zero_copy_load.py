@@ -134,6 +134,22 @@ def test_unaligned_file_is_copied(
 
 
 @cpu_only
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_large_unaligned_tensor_is_copied_whole(dtype: Any) -> None:
+    """A tensor over the two-thread threshold is copied in two halves (cast fused): every row
+    arrives, and the copy is one JAX adopts."""
+    rows, cols = 1401, 1003  # 2.8 MB in bfloat16, an odd split
+    raw = np.arange(rows * cols + 2, dtype=np.float32)
+    view = raw[2:].reshape(rows, cols)  # numpy buffers are 16-aligned: never 64-aligned
+    view.flags.writeable = False
+    assert view.nbytes > 4 * (1 << 20) and not safetensors_io.is_aligned(view)
+    copy = safetensors_io.owned(view, np.dtype(dtype), mapped=True)
+    assert copy.dtype == dtype and safetensors_io.is_aligned(copy)
+    np.testing.assert_array_equal(copy, view.astype(dtype))
+    assert jax.device_put(copy).unsafe_buffer_pointer() == copy.ctypes.data
+
+
+@cpu_only
 def test_native_checkpoint_maps_all_but_q_and_k(aligned: Path, tmp_path: Path) -> None:
     """Mistral-native files: q/k rows are reordered (copied), everything else is mapped."""
     tensors = load_file(str(aligned / "model.safetensors"))

@@ -115,6 +115,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = ALIGN) -
 
 
 _WORKERS = min(2, os.cpu_count() or 1)
+_SPLIT_BYTES = 2 << 20  # smaller copies stay on one thread (a hand-off costs more)
 _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="mistral-nnx-relayout")
 
 
@@ -143,7 +144,14 @@ def owned(w: np.ndarray, dtype: np.dtype | None = None, mapped: bool = False) ->
     if keepable and w.flags.c_contiguous and w.dtype == dtype and is_aligned(w):
         return w
     out = aligned_empty(w.shape, dtype)
-    out[...] = w
+    if w.ndim == 0 or out.nbytes < _SPLIT_BYTES:
+        out[...] = w
+    else:  # on two threads: a fresh buffer's page faults and the copy are the load's cost
+
+        def rows(start: int, stop: int) -> None:
+            out[start:stop] = w[start:stop]
+
+        in_halves(w.shape[0], rows, step=1)
     return out
 
 
