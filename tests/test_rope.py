@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers as tf
+from flax import nnx
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.ministral3.modeling_ministral3 import get_llama_4_attn_scale
 
 from mistral_nnx.config import MistralConfig
-from mistral_nnx.rope import llama4_query_scale, rope_parameters
+from mistral_nnx.model import Mistral
+from mistral_nnx.rope import llama4_query_scale, rope_parameters, rope_tables
 
 YARN_CASES: dict[str, dict[str, Any]] = {
     # Ministral 3 as published: mscale == mscale_all_dim, so the attention factor is 1.0.
@@ -83,3 +87,32 @@ def test_llama4_query_scale_matches_transformers() -> None:
     ours = np.asarray(llama4_query_scale(jnp.asarray(positions, jnp.int32), 0.1, 16))
     np.testing.assert_allclose(ours[:, :, 0, 0], ref[:, 0, :, 0], rtol=1e-6)
     assert ours[0, 15, 0, 0] == 1.0 and ours[0, 16, 0, 0] > 1.0  # starts at the first period
+
+
+def test_rope_tables_are_exact_and_computed_once() -> None:
+    """The tables are exactly cos and sin of the angles, and a forward pass evaluates them once,
+    not once per layer, head and gradient (XLA:CPU fuses an elementwise producer into every
+    consumer; see rope._computed_once)."""
+    config = MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=8, layer_windows=(None,) * 4,
+    )  # fmt: skip
+    inv_freq, _ = rope_parameters(config)
+    positions = jnp.asarray(np.arange(24, dtype=np.int32).reshape(2, 12) * 37)
+    cos, sin = jax.jit(lambda p: rope_tables(p, inv_freq))(positions)
+    angles = np.asarray(positions, np.float32)[..., None] * inv_freq
+    angles = np.concatenate([angles, angles], axis=-1)
+    expected_cos, expected_sin = jax.jit(lambda a: (jnp.cos(a), jnp.sin(a)))(angles)
+    np.testing.assert_array_equal(np.asarray(cos), np.asarray(expected_cos))
+    np.testing.assert_array_equal(np.asarray(sin), np.asarray(expected_sin))
+
+    model = Mistral(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def loss(state: Any, tokens: jax.Array) -> jax.Array:
+        return jnp.sum(nnx.merge(graphdef, state)(tokens) ** 2)
+
+    tokens = jnp.asarray(np.arange(24, dtype=np.int32).reshape(2, 12))
+    hlo = jax.jit(jax.grad(loss)).lower(state, tokens).compile().as_text()
+    assert len(re.findall(r"= f32\[[^\]]*\]\S* sine\(", hlo)) == 1, "sin evaluated more than once"
+    assert len(re.findall(r"= f32\[[^\]]*\]\S* cosine\(", hlo)) == 1

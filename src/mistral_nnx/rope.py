@@ -99,7 +99,22 @@ def rope_tables(
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     if attention_factor != 1.0:
         cos, sin = cos * attention_factor, sin * attention_factor
-    return cos, sin
+    if positions.shape[-1] == 1:  # decode: one position per row, nothing worth sharing
+        return cos, sin
+    return _computed_once(cos, sin)
+
+
+def _computed_once(cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin, unchanged, as the output of a dot. XLA:CPU fuses elementwise producers
+    into every consumer: left alone, cos and sin are evaluated again in each layer's q and k
+    fusions (and their gradients), for every head, which cost 12% of a 512-token prefill's
+    kernel time (benchmarks/RESULTS.md section 17). A dot is never duplicated (XLA:CPU removes
+    optimization barriers before fusing, so those cannot say it). The product with the identity
+    is exact: one term times 1, the rest exact zeros, at float32 precision (HIGHEST: no TF32)."""
+    both = jnp.stack([cos, sin])
+    eye = jnp.eye(both.shape[-1], dtype=both.dtype)
+    both = jnp.einsum("...e,ef->...f", both, eye, precision=jax.lax.Precision.HIGHEST)
+    return both[0], both[1]
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
