@@ -144,7 +144,7 @@ def owned(w: np.ndarray, dtype: np.dtype | None = None, mapped: bool = False) ->
     if keepable and w.flags.c_contiguous and w.dtype == dtype and is_aligned(w):
         return w
     out = aligned_empty(w.shape, dtype)
-    if w.ndim == 0 or out.nbytes < _SPLIT_BYTES:
+    if out.nbytes < _SPLIT_BYTES:  # also every 0-d array
         out[...] = w
     else:  # on two threads: a fresh buffer's page faults and the copy are the load's cost
 
