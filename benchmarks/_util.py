@@ -119,6 +119,30 @@ def copy_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> dict[str, float]
     return out
 
 
+def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
+    """Host memory read bandwidth in GB/s (bytes read only), the floor a decode step that
+    streams its weights meets: `max` over one slice per core on one thread each (numpy releases
+    the GIL), the best of `repeats`. On some VMs this is well below the copy's read+write rate
+    (31 vs 41 GB/s on a 2-core AMD EPYC), so a floor from the copy rate is too optimistic."""
+    a = np.ones(int(gigabytes * 1e9) // 4, np.float32)
+    bounds = np.linspace(0, a.size, num_cores() + 1).astype(int)
+
+    def once() -> float:
+        ts = [
+            threading.Thread(target=np.max, args=(a[lo:hi],))
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return time.perf_counter() - t0
+
+    once()
+    return a.nbytes / min(once() for _ in range(repeats)) / 1e9
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     result = fn()

@@ -46,6 +46,10 @@ CANDIDATES: dict[str, str] = {
     "vector-512": "--xla_cpu_prefer_vector_width=512",
     "no-eigen-threads": "--xla_cpu_multi_thread_eigen=false",
     "concurrency-sched": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    # Each dot on one thread, independent ones (q/k/v, gate/up) side by side: no fork-join per
+    # small GEMV.
+    "1-thread-dots-concurrent": "--xla_cpu_multi_thread_eigen=false "
+    "--xla_cpu_enable_concurrency_optimized_scheduler=true",
 }
 
 
