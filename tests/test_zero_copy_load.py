@@ -149,6 +149,32 @@ def test_large_unaligned_tensor_is_copied_whole(dtype: Any) -> None:
     assert jax.device_put(copy).unsafe_buffer_pointer() == copy.ctypes.data
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
+def test_large_load_buffers_do_not_ask_for_huge_pages() -> None:
+    """numpy advises transparent huge pages for arrays of 4 MB and up; the loader's buffers
+    must not (on VMs that hand free memory back to the host, every fresh 2 MB page is faulted
+    in from the host: loads 2-3x slower, benchmarks/RESULTS.md section 18)."""
+    buf = safetensors_io.aligned_empty((2048, 1024), np.dtype(np.float32))  # 8 MB
+    buf[...] = 1.0
+    assert buf.flags.writeable and safetensors_io.is_aligned(buf)
+    assert "hg" not in _vm_flags(buf.ctypes.data + buf.nbytes // 2)
+    assert jax.device_put(buf).unsafe_buffer_pointer() == buf.ctypes.data
+
+
 @cpu_only
 def test_native_checkpoint_maps_all_but_q_and_k(aligned: Path, tmp_path: Path) -> None:
     """Mistral-native files: q/k rows are reordered (copied), everything else is mapped."""
