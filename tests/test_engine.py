@@ -319,9 +319,9 @@ def test_engine_traces_each_distinct_layer_once(hf_checkpoints, monkeypatch):
             monkeypatch.setattr(
                 model_module,
                 "_layer_program",
-                lambda graphdef, state, *args, empty_cache, sharder, attention_path: nnx.merge(
-                    graphdef, state
-                )(*args, empty_cache),
+                lambda graphdef, state, *args, empty_cache, sharder, attention_path, weight_first: (
+                    nnx.merge(graphdef, state)(*args, empty_cache, weight_first)
+                ),
             )
         jax.clear_caches()  # every program traced afresh
         traced.clear()

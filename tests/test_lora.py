@@ -91,6 +91,36 @@ def test_eager_call_is_refused() -> None:
         model(TOKENS)
 
 
+def test_cached_forward_applies_the_adapters_at_a_few_rows() -> None:
+    """The engine's path (a forward with a cache) at 18 rows, where a plain model's layers take
+    weight-first products (DecoderLayer: weight_first) that qwix would not recognise: an adapted
+    layer keeps x @ W.T, so the logits equal the full forward's (which test_same_function_as_peft
+    ties to PEFT) and differ from the base model's."""
+    from mistral_nnx.cache import init_cache
+
+    base = mistral_nnx.Mistral(TINY)
+    model = apply_lora(base, LoraConfig(rank=4, alpha=8))
+    adapters = nnx.state(model, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    nnx.update(
+        model, jax.tree.map(lambda v: 0.1 * jax.random.normal(next(keys), v.shape), adapters)
+    )
+
+    @nnx.jit
+    def cached(model: mistral_nnx.Mistral, tokens: jax.Array) -> jax.Array:
+        cache = init_cache(model.config, tokens.shape[0], 16)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return model.forward(tokens, positions, None, cache)[0]
+
+    from mistral_nnx.model import _weight_first
+
+    assert _weight_first(nnx.state(base.layers[0]), None)  # the plain model takes them on CPU
+    assert not _weight_first(nnx.state(model.layers[0]), None)
+    full = logits(model, TOKENS)
+    np.testing.assert_allclose(cached(model, TOKENS), full, atol=1e-5)
+    assert np.abs(np.asarray(full - logits(base, TOKENS))).max() > 1e-2
+
+
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
