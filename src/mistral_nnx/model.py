@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import jax
@@ -417,16 +417,13 @@ def _layer_program(
         return layer(x, positions, valid, cos, sin, cache, empty_cache, weight_first)
 
 
-def _weight_first(state: nnx.State, sharder: Sharder | None) -> bool:
-    """Whether a layer may take DecoderLayer's weight_first products: on CPU (a YNNPACK
-    matter), unsharded, and only plain float weights. qwix's LoRA and QLoRA recognise a
-    weight as a dot's second operand, so an adapted or quantised layer keeps x @ W.T."""
+def _weight_first(variables: Iterable[nnx.Variable[Any]], sharder: Sharder | None) -> bool:
+    """Whether products with these weights may be weight-first (DecoderLayer: weight_first):
+    on CPU (a YNNPACK matter), unsharded, and only plain float weights. qwix's LoRA and QLoRA
+    recognise a weight as a dot's second operand, so adapted or quantised ones keep x @ W.T."""
     if sharder is not None or jax.default_backend() != "cpu":
         return False
-    return all(
-        type(v) is nnx.Param and isinstance(v.get_value(), jax.Array)
-        for _, v in nnx.to_flat_state(state)
-    )
+    return all(type(v) is nnx.Param and isinstance(v.get_value(), jax.Array) for v in variables)
 
 
 @nnx.remat
@@ -540,7 +537,7 @@ class Mistral(nnx.Module):
                     empty_cache=empty_cache,
                     sharder=sharder,
                     attention_path=attention,
-                    weight_first=_weight_first(state, sharder),
+                    weight_first=_weight_first((v for _, v in nnx.to_flat_state(state)), sharder),
                 )
             else:
                 x, layer_cache = layer(x, positions, valid, cos, sin, None, empty_cache)
@@ -552,8 +549,20 @@ class Mistral(nnx.Module):
         # transpose, which XLA:CPU turns into a loop fusion 1.5x slower at batch 1
         # (benchmarks/RESULTS.md section 10).
         head = self.embed if self.config.tie_word_embeddings else self.lm_head
-        logits = jnp.einsum(
-            "...d,vd->...v", x, head[...].astype(self.dtype), preferred_element_type=jnp.float32
-        )
+        rows = math.prod(x.shape[:-1])
+        if cache is not None and 2 <= rows <= 32 and _weight_first([head], sharder):
+            # Weight-first as in DecoderLayer (SmolLM2's head at 8 rows: 0.62x the time). The
+            # barrier keeps XLA from folding the transpose back into the product.
+            logits_t = jax.lax.dot_general(
+                head[...].astype(self.dtype),
+                x.reshape(rows, -1).T,
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
+            logits = jax.lax.optimization_barrier(logits_t).T.reshape(*x.shape[:-1], -1)
+        else:
+            logits = jnp.einsum(
+                "...d,vd->...v", x, head[...].astype(self.dtype), preferred_element_type=jnp.float32
+            )
         new_cache = None if cache is None else KVCache(tuple(new_layers))  # type: ignore[arg-type]
         return logits, new_cache
