@@ -359,12 +359,13 @@ class DecoderLayer(nnx.Module):
         weight_first: bool = False,
     ) -> tuple[jax.Array, LayerKV | None]:
         """`weight_first` (static; the engine's unsharded CPU programs of a plain model): with a
-        few rows (2-32 tokens in all) the MLP runs on them as columns, each weight the first
-        operand of its product. XLA:CPU's YNNPACK packs a dot's second operand on every call:
-        the weight as x @ W.T, a few columns as W @ x.T. SmolLM2's projections at 8 rows:
-        0.49-0.70x the time; its decode step at batch 8: 0.81x (RESULTS section 18). The
-        residual is added with the columns still as columns: a transpose right after the dot
-        is folded back into it by XLA."""
+        few rows (2-32 tokens in all) the attention's output projection and the MLP run on them
+        as columns, each weight the first operand of its product. XLA:CPU's YNNPACK packs a
+        dot's second operand on every call: the weight as x @ W.T, a few columns as W @ x.T.
+        SmolLM2's projections at 8 rows: 0.49-0.70x the time; its decode step at batch 8:
+        0.77x (RESULTS section 18). The residual is added with the columns still as columns: a
+        transpose right after the dot is folded back into it by XLA. q, k and v keep x @ W.T
+        (their outputs go on to RoPE and the cache as rows)."""
         normed = self.attn_norm(x)
         rows = math.prod(x.shape[:-1])
         if not (weight_first and 2 <= rows <= 32):
