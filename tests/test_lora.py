@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 
 import mistral_nnx
+from mistral_nnx.cache import init_cache
+from mistral_nnx.model import _weight_first
 from mistral_nnx.train.export import peft_tensors, set_peft_tensors
 from mistral_nnx.train.lora import (
     ATTENTION_TARGETS,
@@ -96,8 +98,6 @@ def test_cached_forward_applies_the_adapters_at_a_few_rows() -> None:
     weight-first products (DecoderLayer: weight_first) that qwix would not recognise: an adapted
     layer keeps x @ W.T, so the logits equal the full forward's (which test_same_function_as_peft
     ties to PEFT) and differ from the base model's."""
-    from mistral_nnx.cache import init_cache
-
     base = mistral_nnx.Mistral(TINY)
     model = apply_lora(base, LoraConfig(rank=4, alpha=8))
     adapters = nnx.state(model, nnx.LoRAParam)
@@ -111,8 +111,6 @@ def test_cached_forward_applies_the_adapters_at_a_few_rows() -> None:
         cache = init_cache(model.config, tokens.shape[0], 16)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return model.forward(tokens, positions, None, cache)[0]
-
-    from mistral_nnx.model import _weight_first
 
     def layer_weights(m: mistral_nnx.Mistral) -> Any:
         return (v for _, v in nnx.to_flat_state(nnx.state(m.layers[0])))

@@ -67,10 +67,16 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-def weight_times(w: jax.Array, x_t: jax.Array) -> jax.Array:
+def weight_times(w: jax.Array, x_t: jax.Array, out_dtype: Any = None) -> jax.Array:
     """w [out, in] @ x_t [in, rows]: linear() for rows laid out as columns, the weight the
     first operand (DecoderLayer: weight_first)."""
-    return jax.lax.dot_general(w, x_t, (((1,), (0,)), ((), ())))
+    return jax.lax.dot_general(w, x_t, (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def few_rows(rows: int) -> bool:
+    """Whether `rows` tokens in all are few enough for weight-first products (at 64 rows they
+    gain little, at 128 they lose; RESULTS section 18); one row is XLA's GEMV either way."""
+    return 2 <= rows <= 32
 
 
 class RMSNorm(nnx.Module):
@@ -368,7 +374,7 @@ class DecoderLayer(nnx.Module):
         (their outputs go on to RoPE and the cache as rows)."""
         normed = self.attn_norm(x)
         rows = math.prod(x.shape[:-1])
-        if not (weight_first and 2 <= rows <= 32):
+        if not (weight_first and few_rows(rows)):
             attn_out, cache = self.attn(normed, positions, valid, cos, sin, cache, empty_cache)
             x = x + attn_out
             x = x + self.mlp(self.mlp_norm(x))
@@ -551,15 +557,11 @@ class Mistral(nnx.Module):
         # (benchmarks/RESULTS.md section 10).
         head = self.embed if self.config.tie_word_embeddings else self.lm_head
         rows = math.prod(x.shape[:-1])
-        if cache is not None and 2 <= rows <= 32 and _weight_first([head], sharder):
+        if cache is not None and few_rows(rows) and _weight_first([head], sharder):
             # Weight-first as in DecoderLayer (SmolLM2's head at 8 rows: 0.62x the time). The
             # barrier keeps XLA from folding the transpose back into the product.
-            logits_t = jax.lax.dot_general(
-                head[...].astype(self.dtype),
-                x.reshape(rows, -1).T,
-                (((1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32,
-            )
+            x_t = x.reshape(rows, -1).T
+            logits_t = weight_times(head[...].astype(self.dtype), x_t, jnp.float32)
             logits = jax.lax.optimization_barrier(logits_t).T.reshape(*x.shape[:-1], -1)
         else:
             logits = jnp.einsum(
