@@ -81,6 +81,20 @@ def header(title: str) -> str:
     return f"## {title}\n{now}; CPU: {cpu_model()}, {num_cores()} cores usable;{load}"
 
 
+def on_every_core(fn: Callable[..., Any], *arrays: np.ndarray) -> None:
+    """fn(*slices) on one thread per core, each thread given the same slice of every array
+    (numpy releases the GIL in copies and reductions)."""
+    bounds = np.linspace(0, len(arrays[0]), num_cores() + 1).astype(int)
+    ts = [
+        threading.Thread(target=fn, args=tuple(a[lo:hi] for a in arrays))
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
 def copy_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> dict[str, float]:
     """Host memory copy bandwidth in GB/s, counting bytes read + bytes written.
 
@@ -91,21 +105,12 @@ def copy_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> dict[str, float]
     n = int(gigabytes * 1e9) // 8
     src = np.ones(n, np.float64)
     dst = np.zeros(n, np.float64)
-    threads = num_cores()
-    bounds = np.linspace(0, n, threads + 1).astype(int)
 
     def one() -> None:
         np.copyto(dst, src)
 
     def many() -> None:
-        ts = [
-            threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b]))
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
+        on_every_core(np.copyto, dst, src)
 
     out = {}
     for name, fn in (("numpy_1t", one), ("numpy_nt", many)):
@@ -125,18 +130,10 @@ def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
     the GIL), the best of `repeats`. On some VMs this is well below the copy's read+write rate
     (31 vs 41 GB/s on a 2-core AMD EPYC), so a floor from the copy rate is too optimistic."""
     a = np.ones(int(gigabytes * 1e9) // 4, np.float32)
-    bounds = np.linspace(0, a.size, num_cores() + 1).astype(int)
 
     def once() -> float:
-        ts = [
-            threading.Thread(target=np.max, args=(a[lo:hi],))
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
         t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
+        on_every_core(np.max, a)
         return time.perf_counter() - t0
 
     once()
