@@ -15,6 +15,10 @@ Measured side by side in one process, alternating ours / theirs (A B A B ...), m
   stamps each step). EOS is disabled on both so every row makes 64 tokens. Ours is measured
   twice: all 63 steps in one device call (decode_steps=64), and with the engine's default
   decode_steps (what users get). The greedy tokens of both must equal transformers' (asserted).
+  The same default-options runs also give the whole generate() call, prompt and set-up
+  included (tokens made / the call's wall time).
+* the prefill's GEMM floor: the model's own projections alone, chained in one jitted call at
+  the prefill's length, against the time 1.5x transformers would need.
 
 With `--llama-cpp` (llama-cpp-python, the `bench` extra), SmolLM2's decode at batch 1 is also
 timed in llama.cpp on an F32 GGUF that llama.cpp's quantize API makes from the same Q4_1 file
@@ -245,6 +249,49 @@ def alternate(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, li
     return samples
 
 
+def projections_alone(model: Any, rows: int, repeats: int = 7) -> tuple[float, float]:
+    """(median seconds, FLOPs) of the model's own q/k/v/o/gate/up/down products for `rows`
+    tokens, chained layer after layer in one jitted call: the GEMM part of a prefill, the
+    floor under it at XLA's GEMM speed on this CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    d = model.config.hidden_size
+
+    def as_2d(w: Any, out_first: bool) -> Any:  # wo [D, H, E] -> [D, H*E]; [n, e, D] -> [n*e, D]
+        v = w[...]
+        return v.reshape(d, -1) if out_first else v.reshape(-1, d)
+
+    layers = []
+    for layer in model.layers:
+        a, m = layer.attn, layer.mlp
+        heads = [as_2d(w, False) for w in (a.wq, a.wk, a.wv)] + [as_2d(a.wo, True)]
+        layers.append(heads + [m.gate[...], m.up[...], m.down[...]])
+
+    @jax.jit
+    def chain(x: Any, layers: Any) -> Any:
+        for wq, wk, wv, wo, gate, up, down in layers:
+            q, k, v = x @ wq.T, x @ wk.T, x @ wv.T
+            x = x + (q + jnp.mean(k) + jnp.mean(v)) @ wo.T  # k and v kept alive, cheaply
+            x = x + (jax.nn.silu(x @ gate.T) * (x @ up.T)) @ down.T
+        return x
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((rows, d)), jnp.float32)
+    jax.block_until_ready(chain(x, layers))
+    run = lambda: jax.block_until_ready(chain(x, layers))  # noqa: E731
+    seconds = _util.median([_util.timed(run)[0] for _ in range(repeats)])
+    flops = 2 * rows * sum(w.shape[0] * w.shape[1] for layer in layers for w in layer)
+    return seconds, float(flops)
+
+
+def decode_and_wall(run: Callable[[], tuple[float, np.ndarray]], walls: list[float]) -> float:
+    """run()'s decode seconds; the whole call's wall seconds are appended to `walls`."""
+    t0 = time.perf_counter()
+    decode_seconds = run()[0]
+    walls.append(time.perf_counter() - t0)
+    return decode_seconds
+
+
 def same_prefix(a: np.ndarray, b: np.ndarray) -> str:
     """'rows identical / rows, shortest common prefix' of two greedy token arrays."""
     same = int(np.sum(np.all(a == b, axis=1)))
@@ -288,6 +335,14 @@ def bench_model(
             note=f"max abs logit diff {err:.1e}",
         )
     )
+    alone, flops = projections_alone(pair.ours, args.prefill_len)
+    theirs_ms = 1e3 * _util.median(s["theirs"])
+    PREFILL_NOTES.append(
+        f"{pair.name}, prefill T={args.prefill_len}: the model's projections alone (its 7 "
+        f"products per layer in one jitted chain, no attention, norms or RoPE) take "
+        f"{1e3 * alone:.1f} ms ({flops / alone / 1e9:.0f} GFLOPS); 1.5x transformers' median "
+        f"would need the whole prefill in {theirs_ms / 1.5:.1f} ms"
+    )
     s = alternate(
         {
             "ours": lambda: ours.generate_wall(ids, 1),
@@ -310,10 +365,16 @@ def bench_model(
                 f"{pair.name} B={b} decode_steps={steps_per_call or 'default'}: greedy tokens "
                 f"differ from transformers: {same_prefix(tok_ours, tok_theirs)}"
             )
+        # The same runs also give the whole generate() call (prompt, host set-up, decode).
+        whole: dict[str, list[float]] = {"ours": [], "theirs": []}
         fns = {
             "ours": lambda ids=ids: ours.generate(ids, new, new)[0],
-            "ours_default": lambda ids=ids: ours.generate(ids, new)[0],
-            "theirs": lambda ids=ids: theirs.generate(ids, new)[0],
+            "ours_default": lambda ids=ids, w=whole["ours"]: decode_and_wall(
+                lambda: ours.generate(ids, new), w
+            ),
+            "theirs": lambda ids=ids, w=whole["theirs"]: decode_and_wall(
+                lambda: theirs.generate(ids, new), w
+            ),
         }
         if llama is not None and b == 1:
             _, tok_llama = llama.generate(ids, new)  # warm-up
@@ -355,11 +416,23 @@ def bench_model(
                     note="greedy tokens equal (asserted)",
                 )
             )
+        rows.append(
+            _row(
+                pair.name,
+                f"generate() B={b}, {new} tokens, whole call, default options",
+                "tok/s",
+                whole,
+                b * new,
+                rate=True,
+                note=f"the {args.prompt_len}-token prompt included",
+            )
+        )
         print(f"  decode B={b} done ({pair.name})", file=sys.stderr, flush=True)
     return rows
 
 
 LLAMA_ROWS: list[list[str]] = []
+PREFILL_NOTES: list[str] = []  # the GEMM floor under each model's prefill
 STEP_SECONDS: dict[tuple[str, int], float] = {}  # (model, batch) -> our median s per decode step
 LLAMA_STEP_SECONDS: dict[str, float] = {}  # model -> llama.cpp's median s per B=1 decode step
 
@@ -518,6 +591,8 @@ def main() -> None:
         )
         for line in llama_notes:
             print(line)
+    for line in PREFILL_NOTES:
+        print(line)
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     print(
         f"\nspeedup = transformers time / ours (> 1: we are faster), of the medians and of the "
