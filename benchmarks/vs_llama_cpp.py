@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 import tempfile
 import time
@@ -157,6 +158,10 @@ def main() -> None:
     for s in shapes:
         if s not in SHAPES:
             p.error(f"unknown shape {s!r}")
+    if args.layers < 1:
+        p.error("--layers must be at least 1")
+    if importlib.util.find_spec("llama_cpp") is None:
+        p.error("llama-cpp-python is not installed: pip install -e '.[bench]'")
 
     import jax
 
