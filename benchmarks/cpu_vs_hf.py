@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 import tempfile
@@ -495,6 +496,8 @@ def main() -> None:
     for m in models:
         if m not in ("smollm2", "random176m"):
             p.error(f"unknown model {m!r}")
+    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        p.error("--llama-cpp needs llama-cpp-python: pip install -e '.[bench]'")
 
     import torch
 
