@@ -212,12 +212,24 @@ class LlamaCpp:
     """llama.cpp through llama-cpp-python: greedy decode, one token per eval."""
 
     def __init__(self, gguf: Path, threads: int) -> None:
+        import llama_cpp
         from llama_cpp import Llama
 
+        # The KV cache in float32 as well (llama.cpp's default is f16): the same arithmetic as
+        # ours, and at these lengths the cache is a sliver of what a step reads.
+        f32 = llama_cpp.GGML_TYPE_F32
         self.llm = Llama(
             model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
-            n_batch=512, verbose=False,
+            n_batch=512, type_k=f32, type_v=f32, verbose=False,
         )  # fmt: skip
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """The last position's logits after one eval of the whole prompt (a fresh context)."""
+        assert ids.shape[0] == 1, "llama-cpp-python decodes one sequence"
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        vocab = self.llm.n_vocab()
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(vocab,)).copy()
 
     def generate(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
         assert ids.shape[0] == 1, "llama-cpp-python decodes one sequence"

@@ -1,17 +1,20 @@
-"""Decode at batch 1 against llama.cpp at the matrix sizes of real Mistral models, CPU float32.
+"""Decode at batch 1 and prefill against llama.cpp at the matrix sizes of real Mistral models,
+CPU float32.
 
     .venv/bin/python benchmarks/vs_llama_cpp.py                         # Mistral 7B's shapes
-    .venv/bin/python benchmarks/vs_llama_cpp.py --shapes smollm2,mistral7b --layers 4
+    .venv/bin/python benchmarks/vs_llama_cpp.py --shapes smollm2,mistral7b,nemo --layers 4
 
 SmolLM2-135M (cpu_vs_hf.py --llama-cpp) has 576-wide layers: 211 small matrix-vector products
 per step, where a fixed cost per product weighs. The models this project is for have 4096- and
 5120-wide layers. This writes an F32 GGUF (llama architecture, SmolLM2's tokenizer, seeded
-random weights) with the chosen model's layer shapes and `--layers` of its layers, loads it in
-both (mistral_nnx's GGUF loader, llama-cpp-python), and times the same greedy decode alternated
-(A B, B A, ...): `--new-tokens` steps after a `--prompt-len` prompt, one token per llama.cpp
-`eval`, on every core, timed from the first new token to the last in both. Prints the medians,
-the best runs, whether the greedy tokens agree, and each step against the host's read floor
-(the bytes of weights a step reads / the read bandwidth). Needs the `bench` extra.
+random weights, an untied head) with the chosen model's layer shapes and `--layers` of its
+layers, loads it in both (mistral_nnx's GGUF loader, llama-cpp-python with a float32 KV cache),
+and alternates (A B, B A, ...): the same greedy decode, `--new-tokens` steps after a
+`--prompt-len` prompt, one token per llama.cpp `eval`, on every core, timed from the first new
+token to the last in both; then one `--prefill-len` prompt's forward (cache written, the last
+position's logits, which are compared). Prints the medians, the best runs, whether the greedy
+tokens agree, and each decode step against the host's read floor (the bytes of weights a step
+reads / the read bandwidth). Needs the `bench` extra.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ SHAPES = {
 }
 
 
-def write_gguf(path: Path, shape: Shape, layers: int, seed: int = 0) -> int:
+def write_gguf(path: Path, shape: Shape, layers: int, seed: int = 0) -> tuple[int, int]:
     """An F32 llama-architecture GGUF of `layers` layers of `shape`, with SmolLM2's tokenizer
-    (vocab 49152) and an untied head; returns the bytes of weights a decode step reads."""
+    (vocab 49152) and an untied head; returns (the bytes of weights a decode step reads, the
+    bytes of the head among them)."""
     import gguf
 
     source = gguf.GGUFReader(_util.smollm2_gguf())
@@ -109,15 +113,22 @@ def write_gguf(path: Path, shape: Shape, layers: int, seed: int = 0) -> int:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return read
+    return read, tensors["output.weight"].nbytes
 
 
 def measure(
-    name: str, path: Path, read: int, read_bw: float, threads: int, args: argparse.Namespace
-) -> list[str]:
-    """One table row: our decode and llama.cpp's on the GGUF at `path`, alternated."""
+    name: str,
+    path: Path,
+    weights: tuple[int, int],
+    read_bw: float,
+    threads: int,
+    args: argparse.Namespace,
+) -> tuple[list[str], list[str]]:
+    """(decode row, prefill row): ours and llama.cpp's on the GGUF at `path`, alternated.
+    `weights`: (bytes a decode step reads, the head's bytes among them)."""
     import mistral_nnx
 
+    read, head = weights
     model = mistral_nnx.load_model(path, progress=False)
     model.config = model.config.replace(eos_token_ids=())
     ours, llama = Ours(model), LlamaCpp(path, threads)
@@ -136,13 +147,37 @@ def measure(
     med_o, med_l = _util.median(s["ours"]) / steps, _util.median(s["llama"]) / steps
     best_o, best_l = min(s["ours"]) / steps, min(s["llama"]) / steps
     floor = read / (read_bw * 1e9)
-    return [
+    decode_row = [
         f"{name} x{args.layers} layers", f"{read / 1e9:.2f} GB",
         f"{1e3 * med_o:.1f} ms ({floor / med_o:.0%})",
         f"{1e3 * med_l:.1f} ms ({floor / med_l:.0%})",
         f"{med_l / med_o:.2f}x", f"{best_l / best_o:.2f}x",
         same_prefix(tok_ours, tok_llama),
     ]  # fmt: skip
+
+    # Prefill: one forward over a prompt that fills the cache and gives the last logits.
+    prompt = np.random.default_rng(2).integers(100, 40000, (1, args.prefill_len))
+    logits_ours = ours.prefill(prompt)[0]  # warm-up (compiles)
+    logits_llama = llama.prefill(prompt)
+    diff = float(np.max(np.abs(logits_ours - logits_llama)))
+    p = alternate(
+        {
+            "ours": lambda: _util.timed(lambda: ours.prefill(prompt))[0],
+            "llama": lambda: _util.timed(lambda: llama.prefill(prompt))[0],
+        },
+        args.repeats,
+    )
+    med_o, med_l = _util.median(p["ours"]), _util.median(p["llama"])
+    # The layers' weights once per token, the head once (the last position); attention left out.
+    flops = 2 * (args.prefill_len * (read - head) + head) / 4
+    prefill_row = [
+        f"{name} x{args.layers} layers", f"T={args.prefill_len}",
+        f"{1e3 * med_o:.1f} ms ({flops / med_o / 1e9:.0f} GFLOPS)",
+        f"{1e3 * med_l:.1f} ms ({flops / med_l / 1e9:.0f} GFLOPS)",
+        f"{med_l / med_o:.2f}x", f"{min(p['llama']) / min(p['ours']):.2f}x",
+        f"last logits: max abs diff {diff:.1e}, max abs {np.max(np.abs(logits_llama)):.1f}",
+    ]  # fmt: skip
+    return decode_row, prefill_row
 
 
 def main() -> None:
@@ -152,6 +187,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternated runs")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill-len", type=int, default=128, help="prompt of the prefill timing")
     p.add_argument("--workdir", default=None, help="where to write the GGUFs (temp dir)")
     args = p.parse_args()
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -160,6 +196,8 @@ def main() -> None:
             p.error(f"unknown shape {s!r}")
     if args.layers < 1:
         p.error("--layers must be at least 1")
+    if not 1 <= args.prefill_len <= 512:
+        p.error("--prefill-len must be 1..512 (llama.cpp's context here)")
     if importlib.util.find_spec("llama_cpp") is None:
         p.error("llama-cpp-python is not installed: pip install -e '.[bench]'")
 
@@ -173,16 +211,19 @@ def main() -> None:
     read_bw = _util.read_bandwidth(1.0)
     print(f"read bandwidth (1 GB, best): {read_bw:.1f} GB/s")
 
-    rows = []
+    rows: list[list[str]] = []
+    prefill_rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for name in shapes:
             shape = SHAPES[name]
             path = Path(tmp) / f"{name}-{args.layers}.F32.gguf"
             t0 = time.perf_counter()
-            read = write_gguf(path, shape, args.layers)
+            weights = write_gguf(path, shape, args.layers)
             print(f"wrote {path.name} ({path.stat().st_size / 1e9:.2f} GB) in "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)  # fmt: skip
-            rows.append(measure(name, path, read, read_bw, threads, args))
+            decode_row, prefill_row = measure(name, path, weights, read_bw, threads, args)
+            rows.append(decode_row)
+            prefill_rows.append(prefill_row)
             print(f"  {name} done", file=sys.stderr, flush=True)
     print(f"\nmedians of {args.repeats} alternated runs, {args.new_tokens - 1} decode steps "
           f"after a {args.prompt_len}-token prompt; (%) = the read floor / the step\n")  # fmt: skip
@@ -191,6 +232,15 @@ def main() -> None:
         "speedup (median)", "speedup (best)", "greedy tokens",
     ]  # fmt: skip
     print(_util.table(headers, rows))
+    print(
+        f"\nprefill of one {args.prefill_len}-token prompt (cache written, last logits), "
+        f"medians of {args.repeats} alternated runs; GFLOPS from the weights alone\n"
+    )
+    headers = [
+        "shape", "prompt", "mistral_nnx", "llama.cpp", "speedup (median)", "speedup (best)",
+        "check",
+    ]  # fmt: skip
+    print(_util.table(headers, prefill_rows))
 
 
 if __name__ == "__main__":
