@@ -198,6 +198,10 @@ def main() -> None:
         p.error("--layers must be at least 1")
     if not 1 <= args.prefill_len <= 512:
         p.error("--prefill-len must be 1..512 (llama.cpp's context here)")
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.prompt_len + args.new_tokens > 512:
+        p.error("need --new-tokens >= 2, --prompt-len >= 1, and both together <= 512")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if importlib.util.find_spec("llama_cpp") is None:
         p.error("llama-cpp-python is not installed: pip install -e '.[bench]'")
 
