@@ -222,30 +222,32 @@ class LlamaCpp:
             model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
             n_batch=512, type_k=f32, type_v=f32, verbose=False,
         )  # fmt: skip
+        self.vocab = self.llm.n_vocab()
 
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        """The last position's logits after one eval of the whole prompt (a fresh context)."""
+    def _eval_prompt(self, ids: np.ndarray) -> None:
+        """A fresh context, then one eval of the whole prompt."""
         assert ids.shape[0] == 1, "llama-cpp-python decodes one sequence"
         self.llm.reset()
         self.llm.eval(ids[0].tolist())
-        vocab = self.llm.n_vocab()
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(vocab,)).copy()
+
+    def _last_logits(self) -> np.ndarray:
+        """The last position's logits, a view straight into the context (eval keeps no copy)."""
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """The last position's logits after one eval of the whole prompt."""
+        self._eval_prompt(ids)
+        return self._last_logits().copy()
 
     def generate(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
-        assert ids.shape[0] == 1, "llama-cpp-python decodes one sequence"
-        llm = self.llm
-        llm.reset()
-        llm.eval(ids[0].tolist())
+        self._eval_prompt(ids)
         tokens, stamps = [], []
-        vocab = llm.n_vocab()
         for _ in range(new):
-            # The last position's logits, straight from the context (eval keeps no copy).
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
-            token = int(np.argmax(logits))
+            token = int(np.argmax(self._last_logits()))
             stamps.append(time.perf_counter())
             tokens.append(token)
             if len(tokens) < new:
-                llm.eval([token])
+                self.llm.eval([token])
         return stamps[-1] - stamps[0], np.asarray([tokens])
 
 
