@@ -5,8 +5,10 @@ attention prefix, greedy and seeded), equal to generate(), and cancelling frees 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 
 import mistral_nnx as mn
 from mistral_nnx.batching import Engine, QueueFull, Request
+from mistral_nnx.engine import Delta
 from mistral_nnx.errors import MistralNNXError
 from mistral_nnx.sampling import SamplingParams
 
@@ -107,14 +110,41 @@ def test_alone_equals_batched_equals_generate(engine):
             np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@contextlib.contextmanager
+def _decode_held(engine: Engine) -> Iterator[threading.Event]:
+    """Hold the engine thread at its first decode delivery until the yielded event is set:
+    the tiny models decode 400 tokens in tens of milliseconds, so a test that needs requests
+    to stay running must not race them."""
+    release = threading.Event()
+
+    def hold(_tokens: int, step_seconds: float | None) -> None:
+        if step_seconds is not None:  # a decode chunk's tokens (None: a first token)
+            release.wait(timeout=60)
+
+    _wait_idle(engine)  # the cancelled requests of earlier tests are gone
+    engine.on_tokens = hold
+    try:
+        yield release
+    finally:
+        engine.on_tokens = None
+        release.set()
+
+
 def test_cancel_frees_the_slot(engine):
-    handle = engine.submit(Request(prompt=[5, 6, 7], max_tokens=400, ignore_eos=True))
-    next(iter(handle))
-    handle.cancel()
-    deadline = time.time() + 30
-    while engine.stats.running:
-        assert time.time() < deadline
-        time.sleep(0.02)
+    with _decode_held(engine) as release:
+        handle = engine.submit(Request(prompt=[5, 6, 7], max_tokens=400, ignore_eos=True))
+        first = next(iter(handle))
+        handle.cancel()
+        release.set()
+    _wait_idle(engine)
+    delivered = [first]
+    while not handle._queue.empty():
+        item = handle._queue.get()
+        assert isinstance(item, Delta)
+        delivered.append(item)
+    # freed at the next chunk boundary, long before its 400 tokens, with no finish reason
+    assert 0 < sum(len(d.tokens) for d in delivered) < 400
+    assert all(d.finish_reason is None for d in delivered)
 
 
 def test_bad_requests(engine):
@@ -134,23 +164,23 @@ def _wait_idle(engine: Engine) -> None:
 
 
 def test_queue_is_bounded(engine):
+    """With no request able to finish, the engine takes one per slot plus max_queue more
+    (running, mid-admission or waiting alike) and refuses the next."""
+
     def long() -> Request:
         return Request(prompt=[5, 6], max_tokens=400, ignore_eos=True)
 
     handles = []
-    try:
-        for i in range(3):  # fill the slots, one admission at a time
-            handles.append(engine.submit(long()))
-            deadline = time.time() + 60
-            while engine.stats.running < i + 1:
-                assert time.time() < deadline
-                time.sleep(0.02)
-        handles += [engine.submit(long()), engine.submit(long())]  # the queue holds 2
-        with pytest.raises(QueueFull, match="2 requests waiting"):
-            engine.submit(long())
-    finally:
-        for h in handles:
-            h.cancel()
+    with _decode_held(engine):
+        try:
+            for _ in range(engine.max_slots + engine.max_queue):
+                handles.append(engine.submit(long()))
+            with pytest.raises(QueueFull, match="2 requests waiting"):
+                engine.submit(long())
+        finally:
+            for h in handles:
+                h.cancel()
+    _wait_idle(engine)
 
 
 def test_a_request_mid_admission_holds_one_slot_not_two(engine):
