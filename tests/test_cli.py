@@ -209,7 +209,10 @@ def test_chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt(env):
     )
     assert proc.stdin is not None
     out, err = _Reader(proc.stdout), _Reader(proc.stderr)
-    for message in (b"Write a very long story about a dragon.\n", b"Hello!\n"):
+    # Both replies must still be streaming when Ctrl-C comes: a short one ("Hello!") can end
+    # between two polls, and Ctrl-C at the prompt exits instead.
+    messages = (b"Write a very long story about a dragon.\n", b"Now a long one about a ship.\n")
+    for message in messages:
         seen = len(out.data)
         proc.stdin.write(message)
         proc.stdin.flush()
