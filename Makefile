@@ -36,7 +36,7 @@ lint: install-test
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 typecheck: install-test
-	$(VENV)/bin/mypy src
+	$(VENV)/bin/mypy src benchmarks
 
 # Two workers, one test file each at a time (module fixtures such as the served model stay in
 # one process): most tests wait on single-threaded XLA compiles, so two overlap well on 2 cores.

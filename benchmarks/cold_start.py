@@ -87,7 +87,7 @@ def main() -> None:
 
     print(_util.header("cold start: `mistral-nnx generate` launch -> first token"))
     print(_util.versions(("jax", "jaxlib", "flax", "numpy")))
-    trees = {"this tree": {}}
+    trees: dict[str, dict[str, str]] = {"this tree": {}}
     if args.compare_src:
         trees[f"PYTHONPATH={args.compare_src}"] = {"PYTHONPATH": args.compare_src}
     modes = ["no cache", "cache, cold", "cache, warm"]

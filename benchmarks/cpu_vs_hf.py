@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,11 @@ def projections_alone(model: Any, rows: int, repeats: int = 7) -> tuple[float, f
     return seconds, float(flops)
 
 
+def decode_seconds(run: Callable[[], tuple[float, np.ndarray]]) -> float:
+    """run()'s decode seconds (its tokens are checked before the timed rounds)."""
+    return run()[0]
+
+
 def decode_and_wall(run: Callable[[], tuple[float, np.ndarray]], walls: list[float]) -> float:
     """run()'s decode seconds; the whole call's wall seconds are appended to `walls`."""
     t0 = time.perf_counter()
@@ -382,25 +388,23 @@ def bench_model(
             )
         # The same runs also give the whole generate() call (prompt, host set-up, decode).
         whole: dict[str, list[float]] = {"ours": [], "theirs": []}
-        fns = {
-            "ours": lambda ids=ids: ours.generate(ids, new, new)[0],
-            "ours_default": lambda ids=ids, w=whole["ours"]: decode_and_wall(
-                lambda: ours.generate(ids, new), w
+        fns: dict[str, Callable[[], float]] = {
+            "ours": partial(decode_seconds, partial(ours.generate, ids, new, new)),
+            "ours_default": partial(
+                decode_and_wall, partial(ours.generate, ids, new), whole["ours"]
             ),
-            "theirs": lambda ids=ids, w=whole["theirs"]: decode_and_wall(
-                lambda: theirs.generate(ids, new), w
-            ),
+            "theirs": partial(decode_and_wall, partial(theirs.generate, ids, new), whole["theirs"]),
         }
         if llama is not None and b == 1:
             _, tok_llama = llama.generate(ids, new)  # warm-up
             agree = same_prefix(tok_ours, tok_llama)
-            fns["llama"] = lambda ids=ids: llama.generate(ids, new)[0]
+            fns["llama"] = partial(decode_seconds, partial(llama.generate, ids, new))
         s = alternate(fns, args.repeats)
         STEP_SECONDS[(pair.name, b)] = _util.median(s["ours"]) / (new - 1)
         if "llama" in s:
             LLAMA_STEP_SECONDS[pair.name] = _util.median(s["llama"]) / (new - 1)
             for label, key in (
-                ("decode_steps=64", "ours"),
+                (f"decode_steps={new}", "ours"),
                 ("default decode_steps", "ours_default"),
             ):
                 LLAMA_ROWS.append(

@@ -72,6 +72,8 @@ def step_memory(trainer: Any, batch: dict[str, np.ndarray]) -> float:
 
     compiled = train_step.lower(*trainer.step_args(batch)).compile()
     m = compiled.memory_analysis()
+    if m is None:
+        raise SystemExit("this backend reports no memory analysis for the compiled step")
     used = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
     return (used - m.alias_size_in_bytes) / 1e9
 
@@ -104,6 +106,7 @@ def cpu(args: argparse.Namespace) -> None:
             source.parent, gguf_file=source.name, dtype=torch.float32
         )
         base = mistral_nnx.load_model(source, progress=False) if mode == "lora" else None
+        pm: Any
         if mode == "lora":
             pm = peft.get_peft_model(
                 hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
@@ -365,7 +368,8 @@ def accelerator_peft(args: argparse.Namespace) -> None:
         head_dim=config.head_dim, sliding_window=None, tie_word_embeddings=False,
     )  # fmt: skip
     with torch.device(device):
-        hf = transformers.MistralForCausalLM(hf_config).to(torch.bfloat16)
+        hf: Any = transformers.MistralForCausalLM(hf_config)
+        hf = hf.to(torch.bfloat16)
     if args.remat:
         hf.gradient_checkpointing_enable()
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))

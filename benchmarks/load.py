@@ -31,6 +31,7 @@ after `fdatasync`, checked with `fincore` where present):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -273,9 +274,7 @@ def main() -> None:
                     continue  # an older tree may not know the keyword
                 measures[f"load {label}{suffix}"] = (
                     kind,
-                    lambda path=path, env=env, kwargs=kwargs: runner.child(
-                        LOAD_CHILD, path, env, kwargs
-                    ),
+                    functools.partial(runner.child, LOAD_CHILD, path, env, kwargs),
                 )
                 in_place[f"load {label}{suffix}"] = (str(path), kwargs)
         samples: dict[str, list[tuple[float, float | None]]] = {k: [] for k in measures}

@@ -169,7 +169,7 @@ def train_profile(args: argparse.Namespace) -> None:
         trainer.step(batch)
         wall.append(time.perf_counter() - start)
     step_args = trainer.step_args(batch)
-    index = hlo_index(train_step.lower(*step_args).compile().as_text())
+    index = hlo_index(train_step.lower(*step_args).compile().as_text() or "")
     state = [x.copy() for x in step_args[5]]  # the step donates its state
     fixed, put = step_args[:5], step_args[6]
     events = traced(lambda: jax.block_until_ready(train_step(*fixed, state, put)))

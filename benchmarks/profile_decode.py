@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import re
 import sys
 import time
@@ -74,7 +75,7 @@ class DecodeBench:
         )
 
         def step(params: Any, cache: Any, state: Any, sampling: Any, rules: Any) -> Any:
-            return engine._decode.__wrapped__(
+            return engine._decode.__wrapped__(  # type: ignore[attr-defined]
                 graphdef, params, cache, state, sampling, rules, steps, None
             )
 
@@ -130,7 +131,7 @@ class DecodeBench:
 
     def loop_body_copies(self, top: int = 5) -> list[str]:
         """The largest copy / transpose fusions of the compiled while-loop body."""
-        text = self.compiled.as_text()
+        text = self.compiled.as_text() or ""
         comps = re.split(r"\n(?=\S)", text)
         bodies = [
             c for c in comps if "while" in c.split("\n", 1)[0] or "region_0" in c.split("\n", 1)[0]
@@ -282,7 +283,7 @@ def main() -> None:
     variants["engine, 1 step per call"] = lambda: one.ms_per_step(steps)
     for s in [int(x) for x in args.slots.split(",") if x]:
         bench = DecodeBench(model, b, s, 32, steps)
-        variants[f"engine, {s} slots (32 filled)"] = lambda bench=bench: bench.ms_per_step(steps)
+        variants[f"engine, {s} slots (32 filled)"] = functools.partial(bench.ms_per_step, steps)
     xla_chain, torch_chain = gemv_chains(model, b, threads)
     variants["bare GEMV chain, XLA"] = xla_chain
     if torch_chain is not None and not args.no_torch:
