@@ -154,6 +154,30 @@ def test_native_matches_transformers_conversion(tmp_path):
     assert ref.std(axis=-1).min() > 0.1
 
 
+def test_native_tied_embeddings_and_norm_eps(tmp_path):
+    """params.json's own spellings, `tied_embeddings` (no output.weight in the file) and
+    `norm_eps`, against transformers with the same tie and a norm eps large enough to move
+    the logits (every published file says 1e-5, the default)."""
+    from conftest import build_hf
+
+    hf_model = build_hf(
+        "mistral", tmp_path / "hf", seed=5, tie_word_embeddings=True, rms_norm_eps=0.05
+    )
+    hf = {name: t.numpy().copy() for name, t in hf_model.state_dict().items()}
+    native = hf_to_native(hf, 4, 2)
+    del native["output.weight"]  # a tied native checkpoint stores the embedding once
+    directory = tmp_path / "native"
+    directory.mkdir()
+    save_file(native, directory / "consolidated.safetensors")
+    params = _native_params(n_layers=3, norm_eps=0.05, tied_embeddings=True)
+    (directory / "params.json").write_text(json.dumps(params))
+    ours = mn.load_model(directory, progress=False)
+    assert ours.config.tie_word_embeddings and ours.config.rms_norm_eps == 0.05
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(np.asarray(_tokens()), dtype=torch.long)).logits.numpy()
+    assert np.abs(_logits(ours) - ref).max() < 1e-4
+
+
 def test_native_per_layer_window_list(hf_checkpoints, tmp_path):
     """params.json's window list (Ministral) gives the same network as HF layer_types."""
     directory, hf_model = hf_checkpoints["interleaved"]
