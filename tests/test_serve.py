@@ -161,6 +161,37 @@ def test_completions_with_token_ids(client, local):
     assert out.object == "text_completion" and out.usage.prompt_tokens == len(prompt)
 
 
+def test_completions_defaults_and_logprobs_zero(client, local):
+    """OpenAI's legacy defaults: no max_tokens means 16; logprobs=0 means the chosen tokens'
+    logprobs and no alternatives (not null)."""
+    model, tokenizer = local
+    prompt = tokenizer.encode("Once upon a time")
+    out = client.completions.create(
+        model=NAME, prompt=prompt, temperature=0, logprobs=0, extra_body={"ignore_eos": True}
+    )
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+    reference = mn.generate(model, [prompt], max_new_tokens=16, logprobs=True)[0]  # no EOS here
+    lp = out.choices[0].logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in reference.tokens]
+    np.testing.assert_allclose(lp.token_logprobs, reference.logprobs, atol=1e-4)
+
+
+def test_n_choices_are_the_rows_of_one_seeded_generate(client, local):
+    """Choice i of a seeded request with n > 1 samples row i's stream of generate(seed=...):
+    the choices differ from each other and each can be reproduced."""
+    model, tokenizer = local
+    question = "Write one sentence about the sea."
+    out = _chat(client, question, n=3, max_tokens=10, temperature=1.0, seed=11)
+    ids = tokenizer.encode_chat([{"role": "user", "content": question}])
+    reference = mn.generate(
+        model, [ids] * 3, tokenizer=tokenizer, max_new_tokens=10, temperature=1.0, seed=11
+    )
+    texts = [c.message.content for c in sorted(out.choices, key=lambda c: c.index)]
+    assert texts == [r.text for r in reference]
+    assert len(set(texts)) > 1
+    assert out.usage.completion_tokens == sum(len(r.tokens) for r in reference)
+
+
 def test_concurrent_requests_equal_alone(server, client):
     rng = np.random.RandomState(0)
     words = "apple river mountain quick silver ocean tiger violin garden planet".split()
