@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -211,6 +212,29 @@ def test_a_request_mid_admission_holds_one_slot_not_two(engine):
         for h in handles:
             h.cancel()
     _wait_idle(engine)
+
+
+def test_every_eos_id_stops_a_request(hf_checkpoints):
+    """A model with five EOS ids (Llama 3 lists three; some list more): a request stops at the
+    one greedy decoding meets, as generate() stops."""
+    directory, _ = hf_checkpoints["llama"]
+    model = mn.load_model(directory, progress=False)
+    prompt = [5, 6, 7]
+    free = mn.generate(model, [prompt], max_new_tokens=24)[0].tokens
+    assert len(free) > 6
+    target = free[6]
+    unused = [t for t in range(3, 200) if t not in free][:3]
+    model.config = dataclasses.replace(model.config, eos_token_ids=(2, *unused, target))
+    reference = mn.generate(model, [prompt], max_new_tokens=24)[0]
+    assert reference.finish_reason == "stop" and reference.tokens[-1] == target
+    engine = Engine(model, None, max_slots=2, max_seq_len=64, prefill_chunk=16)
+    engine.start()
+    try:
+        assert engine.ready.wait(timeout=600)
+        tokens, _, reason, _ = _run(engine, Request(prompt=prompt, max_tokens=24))
+    finally:
+        engine.stop()
+    assert (tokens, reason) == (reference.tokens, "stop")
 
 
 _MESH_CHECK = """

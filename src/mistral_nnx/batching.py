@@ -56,7 +56,7 @@ __all__ = ["Engine", "QueueFull", "Request", "RequestHandle"]
 # 16 slots while the round trip stays a small part of a step (measured in benchmarks/serve.py).
 DEFAULT_DECODE_STEPS = 8
 MAX_STOP_TOKENS = 8  # stop token ids per request (besides EOS)
-MAX_EOS = 4
+EOS_SLOTS = 4  # the per-row EOS table's width, wider for a model that lists more EOS ids
 
 
 class QueueFull(MistralNNXError):
@@ -171,6 +171,7 @@ class Engine:
         self.prefill_chunk = min(prefill_chunk, max_seq_len)
         self.min_bucket = min(min_bucket, self.prefill_chunk)
         self.eos_ids = list(tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids)
+        self._eos_slots = max(EOS_SLOTS, len(self.eos_ids))
         self._graphdef, self._params = nnx.split(model)
         self._sharder = model.sharder
         self._waiting: deque[RequestHandle] = deque()
@@ -278,17 +279,17 @@ class Engine:
         )
         self.sampling = BatchSampling.from_params(SamplingParams(), b)
         self.rules = StopRules(
-            eos_ids=jnp.full((b, MAX_EOS), -3, jnp.int32),
+            eos_ids=jnp.full((b, self._eos_slots), -3, jnp.int32),
             sequences=jnp.full((b, MAX_STOP_TOKENS, 1), -3, jnp.int32),
             max_new=jnp.ones((b,), jnp.int32),
         )
 
     def _eos(self, request: Request) -> list[int]:
-        return [] if request.ignore_eos else self.eos_ids[:MAX_EOS]
+        return [] if request.ignore_eos else self.eos_ids
 
     def _row_tables(self, request: Request) -> tuple[BatchSampling, StopRules, jax.Array]:
         eos = self._eos(request)
-        eos_row = np.full((1, MAX_EOS), -3, np.int32)
+        eos_row = np.full((1, self._eos_slots), -3, np.int32)
         eos_row[0, : len(eos)] = eos
         seq_row = np.full((1, MAX_STOP_TOKENS, 1), -3, np.int32)
         seq_row[0, : len(request.stop_token_ids), 0] = list(request.stop_token_ids)
