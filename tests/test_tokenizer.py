@@ -178,7 +178,9 @@ def _write_hf_dir(directory: Path) -> None:
         "chat_template": HF_CHAT_TEMPLATE,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 3]}))
+    # The eos_token (</s> = 1) listed last: it must still come first (the training EOS), as
+    # transformers' tokenizer.eos_token_id says.
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 1]}))
 
 
 def test_hf_matches_transformers(tmp_path: Path) -> None:
@@ -190,6 +192,7 @@ def test_hf_matches_transformers(tmp_path: Path) -> None:
 
     assert tokenizer.bos_id == 0
     assert tokenizer.eos_ids == (1, 3)
+    assert tokenizer.eos_ids[0] == reference.eos_token_id
     for text in TEXTS:
         assert tokenizer.encode(text) == reference(text)["input_ids"]
         no_bos = reference(text, add_special_tokens=False)["input_ids"]
