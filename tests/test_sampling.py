@@ -258,6 +258,35 @@ def test_kept_sets_match_transformers_warpers(temperature: float) -> None:
     assert ours[np.arange(len(rows))[None], drawn].all()
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        # Exact ties: with probabilities 1/2, 1/4, 1/8, 1/16, 1/16 the mass before a token equals
+        # top_p exactly (float32 holds these sums exactly); transformers keeps 1, 2, 3 tokens.
+        dict(top_p=0.5),
+        dict(top_p=0.75),
+        dict(top_p=0.875),
+        # top_k at or above the vocabulary keeps everything (as TopKLogitsWarper clamps it).
+        dict(top_k=5),
+        dict(top_k=6),
+        dict(top_k=10**9),
+        dict(top_k=6, top_p=0.75),
+    ],
+)
+def test_kept_sets_at_the_edges_match_transformers(params: dict) -> None:
+    from mistral_nnx.sampling import _filter
+
+    logits = np.log(np.asarray([[0.5, 0.25, 0.125, 0.0625, 0.0625]], np.float32))
+    sampling = BatchSampling.from_params(SamplingParams(temperature=1.0, **params), 1)
+    ours = np.isfinite(np.asarray(jax.jit(_filter)(jnp.asarray(logits), sampling)))
+    kept, probs = _hf_kept(logits, 1.0, **params)
+    np.testing.assert_array_equal(ours, kept)
+    # and the draws follow transformers' filtered distribution
+    rows = BatchSampling.from_params(SamplingParams(temperature=1.0, **params), N)
+    tokens, _ = sample_jit(jnp.broadcast_to(jnp.asarray(logits), (N, 5)), jax.random.key(1), rows)
+    _check_frequencies(np.asarray(tokens), probs[0])
+
+
 def test_jit_does_not_retrace_for_new_values() -> None:
     traces = 0
 
