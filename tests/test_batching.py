@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -224,7 +223,7 @@ def test_every_eos_id_stops_a_request(hf_checkpoints):
     assert len(free) > 6
     target = free[6]
     unused = [t for t in range(3, 200) if t not in free][:3]
-    model.config = dataclasses.replace(model.config, eos_token_ids=(2, *unused, target))
+    model.config = model.config.replace(eos_token_ids=(2, *unused, target))
     reference = mn.generate(model, [prompt], max_new_tokens=24)[0]
     assert reference.finish_reason == "stop" and reference.tokens[-1] == target
     engine = Engine(model, None, max_slots=2, max_seq_len=64, prefill_chunk=16)

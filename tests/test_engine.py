@@ -93,6 +93,26 @@ def test_greedy_matches_transformers_generate(hf_checkpoints, name):
         assert out.finish_reason == "length"
 
 
+@pytest.mark.parametrize("lengths", [[1], [17], [17, 5], [16, 33]])
+def test_prompts_one_past_a_chunk_match_transformers(window16, lengths):
+    """A longest prompt one token into a new prefill chunk (16 tokens each here), a one-token
+    prompt among them: the last chunk holds a single token and must still run."""
+    model, hf_model = window16
+    prompts = [_ids(n, 30 + n) for n in lengths]
+    options = EngineOptions(prefill_chunk=16)
+    outs = generate(model, prompts, max_new_tokens=8, options=options)
+    for prompt, out in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            ref = hf_model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
+        assert out.tokens == ref, len(prompt)
+
+
 def test_batch_invariance_ragged(window16):
     model, _ = window16
     prompts = [_ids(n, 10 + n) for n in (3, 17, 30, 9)]
@@ -121,14 +141,20 @@ def test_eos_and_stop_sequences_end_on_device(window16):
     model.config = model.config.replace(eos_token_ids=(eos,))
     try:
         out = generate(model, [prompt], max_new_tokens=30)[0]
+        # EOS as the last token allowed is still a stop (OpenAI and vLLM say "stop" too)
+        last = generate(model, [prompt], max_new_tokens=free.index(eos) + 1)[0]
     finally:
         model.config = model.config.replace(eos_token_ids=(2,))
-    assert out.tokens == free[: free.index(eos) + 1]
-    assert out.finish_reason == "stop"
+    assert out.tokens == last.tokens == free[: free.index(eos) + 1]
+    assert out.finish_reason == last.finish_reason == "stop"
     stop_seq = free[10:12]
     out = generate(model, [prompt], max_new_tokens=30, stop=[stop_seq])[0]
     first = next(i for i in range(len(free) - 1) if free[i : i + 2] == stop_seq)
     assert out.tokens == free[: first + 2] and out.finish_reason == "stop"
+    # stop sequences of different lengths in one list: the short one still fires
+    never = [t for t in range(3, 200) if t not in free][:2]
+    out = generate(model, [prompt], max_new_tokens=30, stop=[never, [free[5]]])[0]
+    assert out.tokens == free[: free.index(free[5]) + 1] and out.finish_reason == "stop"
 
 
 def test_sampling_through_generate(window16):
