@@ -168,3 +168,23 @@ def test_rope_scaling_matches_transformers(tmp_path, scaling):
     assert np.abs(out - _reference(hf_model, tokens)).max() < 1e-4
     model.config = model.config.replace(rope_scaling=None)  # the scaling must matter
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - out).max() > 1e-3
+
+
+def test_bfloat16_rms_norm_is_transformers_bit_for_bit():
+    """In bfloat16 the norm's statistics run in float32 and the result is rounded back before
+    the weight multiplies it, as transformers' MistralRMSNorm does: equal to the bit."""
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    from mistral_nnx.model import RMSNorm
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 512)) * 3).astype(np.float32)
+    weight = (1 + 0.1 * rng.standard_normal(512)).astype(np.float32)
+    norm = RMSNorm(512, 1e-5, param_dtype=jnp.bfloat16, rngs=None)
+    norm.weight = nnx.Param(jnp.asarray(weight, jnp.bfloat16))
+    ours = np.asarray(norm(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32))
+    reference = MistralRMSNorm(512, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        reference.weight.copy_(torch.tensor(weight))
+        theirs = reference(torch.tensor(x).to(torch.bfloat16)).float().numpy()
+    np.testing.assert_array_equal(ours, theirs)
