@@ -413,3 +413,27 @@ def test_long_full_cache_reads_growing_prefixes(hf_checkpoints):
         got.append(np.asarray(logits[0]))
     assert np.abs(np.concatenate(got) - reference).max() < 1e-4
     assert step._cache_size() == 2  # the prefill shape and the decode shape, nothing more
+
+
+@pytest.mark.parametrize("ring", [True, False])
+def test_a_chunk_writes_each_slot_at_most_once(ring):
+    """Ragged starts and padding, chunks longer than the ring: each row writes its newest C
+    valid tokens (ring; all of them in a full layer, which the engine never lets run past C) at
+    position % C, never two to one slot (XLA:CPU applies duplicate scatter indices in order,
+    GPUs in no defined order, so k, v and pos could each keep another token)."""
+    from mistral_nnx.cache import LayerKV
+
+    c, t = (16 if ring else 80), 40
+    rng = np.random.default_rng(0)
+    layer = LayerKV(jnp.zeros((6, 1, c, 2)), jnp.zeros((6, 1, 2, c)), jnp.full((6, c), -1), ring)
+    positions = rng.integers(0, 30, 6)[:, None] + np.arange(t)[None]
+    valid = np.arange(t)[None] < rng.integers(1, t + 1, 6)[:, None]  # right padding
+    valid[0] = False  # an all-padding row writes nothing
+    slots = np.asarray(layer.slots(jnp.asarray(positions), jnp.asarray(valid)))
+    for row in range(6):
+        mine = positions[row][valid[row]]
+        want = mine[mine > mine.max() - c] if mine.size else mine
+        written = slots[row] < c
+        assert sorted(positions[row][written]) == sorted(want)
+        assert np.array_equal(slots[row][written], positions[row][written] % c)
+        assert len(set(slots[row][written])) == written.sum()

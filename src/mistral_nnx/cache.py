@@ -38,17 +38,23 @@ class LayerKV:
         that queries of the same chunk still need (only possible for chunks of 2+ tokens)."""
         return not self.ring or num_new == 1
 
-    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array) -> LayerKV:
-        """Store the chunk's keys/values (k, v [B, T, K, E]) at slot position % C. Padding is
-        dropped, and in a ring only the newest C tokens of the chunk are written, so no two
-        writes share a slot."""
-        b, t = positions.shape
+    def slots(self, positions: jax.Array, valid: jax.Array) -> jax.Array:
+        """Where each token of a chunk (positions, valid [B, T]) goes: position % C, or C (out
+        of range: not written) for padding and, in a ring, for all but the newest C tokens. No
+        two writes share a slot: duplicate scatter indices have no defined winner on GPU/TPU,
+        and k, v and pos could each keep a different one."""
         c = self.capacity
         newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
         keep = valid & (positions > newest - c)
         if not self.ring:
             keep &= positions < c  # past the end: dropped, never wrapped onto older entries
-        slot = jnp.where(keep, positions % c, c)  # c is out of range: mode="drop" skips it
+        return jnp.where(keep, positions % c, c)
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array) -> LayerKV:
+        """Store the chunk's keys/values (k, v [B, T, K, E]) at `slots` (mode="drop" skips the
+        out-of-range ones)."""
+        b, t = positions.shape
+        slot = self.slots(positions, valid)
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
         # Two index arrays around sliced axes: the indexed view is [B, T, K, E] for both.
         return LayerKV(
