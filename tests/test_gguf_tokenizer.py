@@ -1,4 +1,5 @@
-"""The GGUF tokenizer, built without transformers, against transformers' own GGUF conversion.
+"""The GGUF tokenizer, built without transformers, against transformers' own GGUF conversion
+(and Nemo's Tekken vocabulary against mistral-common's Tekkenizer).
 
 Three vocabularies: the real SmolLM2 GGUF (byte-level BPE, a pre-tokenizer name transformers does
 not know), a SentencePiece GGUF written here from mistral-common's v1 model (merges derived from
@@ -227,3 +228,76 @@ def test_truncated_real_gguf(tmp_path: Path) -> None:
     path.write_bytes(data)
     with pytest.raises(MistralNNXError, match="truncated"):
         load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def tekken() -> tuple[Path, Any]:
+    """mistral-common's packaged Tekken vocabulary (Nemo's, 131,072 ids) and its Tekkenizer."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or spec.origin is None:
+        pytest.skip("mistral-common is not installed")
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    path = Path(spec.origin).parent / "data" / "tekken_240911.json"
+    return path, Tekkenizer.from_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def tekken_gguf(tekken: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Tekken vocabulary as llama.cpp stores Nemo's: the special tokens first, then the
+    byte-level BPE tokens spelled in GPT-2's byte alphabet, pre-tokenizer `tekken`; no merges
+    (derived from the token order, which is Tekken's merge rank)."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path, reference = tekken
+    data = json.loads(path.read_text())
+    n_special = data["config"]["default_num_special_tokens"]
+    size = data["config"]["default_vocab_size"]
+    alphabet = bytes_to_unicode()
+    inner = data["vocab"][: size - n_special]
+    tokens = [reference.id_to_piece(i) for i in range(n_special)]
+    tokens += ["".join(alphabet[b] for b in base64.b64decode(t["token_bytes"])) for t in inner]
+    out = tmp_path_factory.mktemp("tekken") / "tekken.gguf"
+    _write_tokenizer_gguf(
+        out,
+        {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": "tekken",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3] * n_special + [1] * len(inner),
+            "tokenizer.ggml.scores": [-float(i) for i in range(len(tokens))],
+            "tokenizer.ggml.bos_token_id": reference.bos_id,
+            "tokenizer.ggml.eos_token_id": reference.eos_id,
+            "tokenizer.ggml.unknown_token_id": reference.unk_id,
+            "tokenizer.ggml.add_bos_token": True,
+        },
+    )
+    return out
+
+
+def test_tekken_split_is_the_vocabulary_file_pattern(tekken: tuple[Path, Any]) -> None:
+    from mistral_nnx.gguf_tokenizer import _SPLITS
+
+    path, _ = tekken
+    assert _SPLITS["tekken"] == json.loads(path.read_text())["config"]["pattern"]
+
+
+def test_tekken_gguf_same_ids_as_mistral_common(
+    tekken: tuple[Path, Any], tekken_gguf: Path
+) -> None:
+    _, reference = tekken
+    ours = load_tokenizer(tekken_gguf)
+    assert (ours.bos_id, ours.eos_ids) == (reference.bos_id, (reference.eos_id,))
+    specials = ("<s>", "</s>", "[INST]")  # text, not control tokens, to mistral-common's encode
+    mismatches = []
+    for text in _strings():
+        if any(s in text for s in specials):
+            continue
+        ids = ours.encode(text)
+        if ids != reference.encode(text, bos=True, eos=False):
+            mismatches.append(text)
+        elif ours.decode(ids) != text:
+            mismatches.append(f"decode: {text!r}")
+    assert not mismatches, mismatches[:5]
