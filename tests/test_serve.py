@@ -176,7 +176,7 @@ def test_completions_defaults_and_logprobs_zero(client, local):
     np.testing.assert_allclose(lp.token_logprobs, reference.logprobs, atol=1e-4)
 
 
-def test_n_choices_are_the_rows_of_one_seeded_generate(client, local):
+def test_n_choices_are_the_rows_of_one_seeded_generate(server, client, local):
     """Choice i of a seeded request with n > 1 samples row i's stream of generate(seed=...):
     the choices differ from each other and each can be reproduced."""
     model, tokenizer = local
@@ -190,6 +190,7 @@ def test_n_choices_are_the_rows_of_one_seeded_generate(client, local):
     assert texts == [r.text for r in reference]
     assert len(set(texts)) > 1
     assert out.usage.completion_tokens == sum(len(r.tokens) for r in reference)
+    assert _metric(server, "mistral_nnx_compilations_after_warmup") == 0  # any n, one program
 
 
 def test_concurrent_requests_equal_alone(server, client):

@@ -40,6 +40,7 @@ from mistral_nnx.engine import (
     _start,
     check_top_logprobs,
     prefill,
+    row_key,
     row_keys,
     top_pairs,
 )
@@ -300,7 +301,7 @@ class Engine:
         )
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8))
         # (seed, index): the stream of row `index` of generate(..., seed=seed).
-        key = row_keys(seed, request.index + 1)[request.index][None]
+        key = row_key(seed, request.index)
         return BatchSampling.from_params(request.sampling, 1), rules, key
 
     def _prefill(self, request: Request) -> tuple[KVCache, jax.Array]:

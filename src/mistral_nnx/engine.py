@@ -243,6 +243,16 @@ def row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
         seeds, indices = [int(x) for x in seed], [0] * batch
     else:
         raise MistralNNXError(f"seed must be an integer or a list of integers, got {seed!r}")
+    return _keys(seeds, indices)
+
+
+def row_key(seed: int, index: int) -> jax.Array:
+    """The key [1] of row `index` of `row_keys(seed, batch)` for any batch > index (the serving
+    engine's n-th choice of a seeded request), from one [1]-shaped program for every index."""
+    return _keys([seed], [index])
+
+
+def _keys(seeds: list[int], indices: list[int]) -> jax.Array:
     bad = [x for x in seeds if not 0 <= x < 2**64]
     if bad:
         raise MistralNNXError(f"seed must be in [0, 2**64), got {bad[0]}")
