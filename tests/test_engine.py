@@ -22,6 +22,16 @@ def window16(hf_checkpoints):
     return mn.load_model(directory, progress=False), hf_model
 
 
+def _hf_greedy(hf_model, prompt: list[int], new: int) -> list[int]:
+    """transformers' `new` greedy tokens after `prompt`, EOS ignored."""
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
 def _ids(n: int, seed: int) -> list[int]:
     return np.random.RandomState(seed).randint(3, 211, n).tolist()
 
@@ -79,14 +89,7 @@ def test_greedy_matches_transformers_generate(hf_checkpoints, name):
     directory, hf_model = hf_checkpoints[name]
     model = mn.load_model(directory, progress=False)
     prompt = _ids(24, 1)
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=80,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[0, 24:].tolist()
+    ref = _hf_greedy(hf_model, prompt, 80)
     for options in (EngineOptions(), EngineOptions(prefill_chunk=8, decode_steps=5)):
         out = generate(model, [prompt], max_new_tokens=80, options=options)[0]
         assert out.tokens == ref
@@ -102,14 +105,7 @@ def test_prompts_one_past_a_chunk_match_transformers(window16, lengths):
     options = EngineOptions(prefill_chunk=16)
     outs = generate(model, prompts, max_new_tokens=8, options=options)
     for prompt, out in zip(prompts, outs, strict=True):
-        with torch.no_grad():
-            ref = hf_model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=8,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(prompt) :].tolist()
+        ref = _hf_greedy(hf_model, prompt, 8)
         assert out.tokens == ref, len(prompt)
 
 
@@ -220,14 +216,7 @@ def test_stream_yields_increments(window16):
     for delta in stream(model, prompts, max_new_tokens=13, options=options):
         pieces[delta.index].append(delta.tokens)
     for row, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = hf_model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=13,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(prompt) :].tolist()
+        ref = _hf_greedy(hf_model, prompt, 13)
         assert [len(p) for p in pieces[row]] == [1, 4, 4, 4]  # first token, then chunks of 4
         assert sum(pieces[row], []) == ref
 
