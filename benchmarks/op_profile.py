@@ -171,8 +171,8 @@ def train_profile(args: argparse.Namespace) -> None:
     step_args = trainer.step_args(batch)
     index = hlo_index(train_step.lower(*step_args).compile().as_text() or "")
     state = [x.copy() for x in step_args[5]]  # the step donates its state
-    fixed, put = step_args[:5], step_args[6]
-    events = traced(lambda: jax.block_until_ready(train_step(*fixed, state, put)))
+    fixed, rest = step_args[:5], step_args[6:]  # rest: the batch and its weight
+    events = traced(lambda: jax.block_until_ready(train_step(*fixed, state, *rest)))
     what = f"{args.train} train step, 2 x 128 tokens: {_util.median(wall[2:]):.3f} s wall"
     report(events, index, 1, what, "step", args.top)
 

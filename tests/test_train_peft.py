@@ -1,6 +1,7 @@
 """LoRA training parity with HF PEFT + torch: same base, same adapter init, same batches, AdamW
 with weight decay and clipping, float32: the loss of each of 20 steps agrees within 1e-4; with
-gradient accumulation and the default warmup + cosine schedule too (transformers' own schedule).
+token-weighted gradient accumulation and the default warmup + cosine schedule too (transformers'
+own schedule).
 The eval loss of a model with LoRA dropout is PEFT's in eval mode."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from train_fixtures import write_model
 import mistral_nnx
 from mistral_nnx.train.export import peft_tensors, set_peft_tensors
 from mistral_nnx.train.lora import LoraConfig, apply_lora
-from mistral_nnx.train.step import OptimConfig, Trainer
+from mistral_nnx.train.step import OptimConfig, Trainer, accumulation_weights
 
 STEPS, LR, WD, CLIP, RANK, ALPHA = 20, 3e-3, 0.1, 1.0, 4, 16.0
 
@@ -50,20 +51,28 @@ def test_twenty_steps_match_peft(tmp_path: Path, schedule: str, accum: int) -> N
     if schedule == "cosine":
         scheduler = transformers.get_cosine_schedule_with_warmup(opt, 3, STEPS)
     ours, theirs = [], []
-    for micro in range(STEPS * accum):  # an optimizer update every `accum` micro-batches
-        batch = make_batch(hf.config.vocab_size, seed=100 + micro % 5, t=24)
-        ours.append(trainer.step(batch)["loss"])
-        ids = torch.tensor(batch["tokens"], dtype=torch.long)
-        labels = torch.where(torch.tensor(batch["loss_mask"]), ids, torch.tensor(-100))
-        out = pm(input_ids=ids, attention_mask=torch.tensor(batch["valid"]).long(), labels=labels)
-        (out.loss / accum).backward()  # the update follows the micro-batches' mean gradient
-        theirs.append(float(out.loss.detach()))
-        if (micro + 1) % accum == 0:
-            torch.nn.utils.clip_grad_norm_(params, CLIP)
-            opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            opt.zero_grad()
+    for step in range(STEPS):  # an optimizer update every `accum` micro-batches
+        group = [
+            make_batch(hf.config.vocab_size, seed=100 + (step * accum + i) % 5, t=24)
+            for i in range(accum)
+        ]
+        for batch, weight in zip(group, accumulation_weights(group), strict=True):
+            ours.append(trainer.step(batch, weight)["loss"])
+        # torch: the mean loss over every target of the step (each micro-batch's mean loss
+        # weighted by its share of the targets), as transformers' Trainer accumulates
+        counts = [int((b["loss_mask"] & b["valid"])[:, 1:].sum()) for b in group]
+        for batch, count in zip(group, counts, strict=True):
+            ids = torch.tensor(batch["tokens"], dtype=torch.long)
+            labels = torch.where(torch.tensor(batch["loss_mask"]), ids, torch.tensor(-100))
+            valid = torch.tensor(batch["valid"]).long()
+            out = pm(input_ids=ids, attention_mask=valid, labels=labels)
+            (out.loss * count / sum(counts)).backward()
+            theirs.append(float(out.loss.detach()))
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        opt.zero_grad()
     assert theirs[-1] < theirs[0] - 0.05  # it learns: the comparison is not between two flat lines
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     # and the adapters end where PEFT's do (weight decay, clipping and AdamW's step included)

@@ -18,7 +18,7 @@ from mistral_nnx.tokenizer import Tokenizer
 from mistral_nnx.train.checkpoints import list_checkpoints, restore_checkpoint, save_checkpoint
 from mistral_nnx.train.data import Example, batches, load_examples
 from mistral_nnx.train.lora import LoraConfig, apply_lora, count_params, without_dropout
-from mistral_nnx.train.step import OptimConfig, Trainer
+from mistral_nnx.train.step import OptimConfig, Trainer, accumulation_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,17 +167,17 @@ def finetune(
     window: list[dict[str, float]] = []
     t0 = time.perf_counter()
     try:
-        while micro < total_micro:
-            batch = next(stream)
-            metrics = trainer.step(batch)
-            metrics["seen"] = float(batch["valid"].sum())  # input tokens, padding excluded
-            micro += 1
-            window.append(metrics)
-            if micro % accum:
-                continue
+        while micro < total_micro:  # checkpoints fall between optimizer steps: micro % accum == 0
+            group = [next(stream) for _ in range(accum)]
+            for batch, weight in zip(group, accumulation_weights(group), strict=True):
+                metrics = trainer.step(batch, weight)
+                metrics["seen"] = float(batch["valid"].sum())  # input tokens, padding excluded
+                window.append(metrics)
+            micro += accum
             step = micro // accum
             tokens = sum(m["tokens"] for m in window)
-            loss = sum(m["loss"] for m in window) / len(window)
+            # the mean over every target of the step, as the update follows
+            loss = sum(m["loss"] * m["tokens"] for m in window) / max(tokens, 1.0)
             elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
             record = {
                 "step": step,

@@ -1,9 +1,10 @@
 """The optimizer and the jitted train step.
 
 AdamW on a linear-warmup + cosine schedule, global-norm clipping, gradient accumulation with
-optax.MultiSteps; the step is one jax.jit over the split (model, optimizer) state, donated, so
-parameters and optimizer moments are updated in place. Only the variables of `wrt` are trained
-(nnx.LoRAParam for LoRA, nnx.Param for full fine-tuning).
+optax.MultiSteps (token-weighted: `accumulation_weights`); the step is one jax.jit over the
+split (model, optimizer) state, donated, so parameters and optimizer moments are updated in
+place. Only the variables of `wrt` are trained (nnx.LoRAParam for LoRA, nnx.Param for full
+fine-tuning).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -126,15 +127,22 @@ def train_step(
     frozen: list[jax.Array],
     state: list[jax.Array],
     batch: Mapping[str, jax.Array],
+    weight: jax.Array,
 ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
     """One micro-batch: loss, gradients of the `wrt` variables, optimizer update. `state` (the
     trained variables, optimizer and random state) is donated: updated in place; `frozen` (the
     rest) is only read, so the model it came from stays usable. `structure` is (graphdef, frozen
-    treedef, state treedef). Module-level, so identical models share one compiled program."""
+    treedef, state treedef). Module-level, so identical models share one compiled program.
+    The gradient is of `weight` x the micro-batch's mean loss (see `accumulation_weights`)."""
+
+    def objective(model: Mistral, batch: Mapping[str, jax.Array]) -> Any:
+        value, count = loss(model, batch)
+        return value * weight, (value, count)
+
     with activation_sharding(sharder):
         model, optimizer = _merge(structure, frozen, state)
-        grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
-        (value, count), grads = grad_fn(model, batch)
+        grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)
+        (_, (value, count)), grads = grad_fn(model, batch)
         lr = optim.schedule_fn()(optimizer.step[...] // optim.grad_accum)
         optimizer.update(model, grads)
         metrics = {"loss": value, "tokens": count, "grad_norm": optax.global_norm(grads), "lr": lr}
@@ -142,6 +150,24 @@ def train_step(
         new_state, new_def = jax.tree.flatten(parts[2])
         assert new_def == structure.value[2], "the train step changed the state's structure"
         return new_state, metrics
+
+
+def accumulation_weights(batches: Sequence[Mapping[str, np.ndarray]]) -> list[float]:
+    """Per micro-batch of one optimizer step, the weight on its mean loss that makes the
+    accumulated update (optax.MultiSteps averages the k gradients) the gradient of the mean
+    loss over every target of the k batches, as one big batch and transformers' Trainer give:
+    k x (its targets / all targets). Equal counts give 1.0 each."""
+    counts = [float(np.sum(_targets(b))) for b in batches]
+    total = sum(counts)
+    return [len(counts) * n / total if total else 1.0 for n in counts]
+
+
+def _targets(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The targets `loss` counts: token t + 1 where loss_mask and valid hold."""
+    mask = np.asarray(batch["loss_mask"], bool)
+    if "valid" in batch:
+        mask = mask & np.asarray(batch["valid"], bool)
+    return mask[:, 1:]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -229,7 +255,7 @@ class Trainer:
             raise MistralNNXError("Trainer.state: the new state's structure differs")
         self._flat[1], self._views[1] = leaves, None
 
-    def step_args(self, batch: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
+    def step_args(self, batch: Mapping[str, np.ndarray], weight: float = 1.0) -> tuple[Any, ...]:
         """`train_step`'s arguments for `batch` (to lower or profile the step)."""
         return (
             self.structure,
@@ -239,6 +265,7 @@ class Trainer:
             self._leaves(0),
             self._leaves(1),
             self.put(batch),
+            jnp.float32(weight),
         )
 
     def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -248,8 +275,10 @@ class Trainer:
             k: jax.device_put(v, self.sharder(v.shape, ("batch", None))) for k, v in batch.items()
         }
 
-    def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-        self._flat[1], metrics = train_step(*self.step_args(batch))
+    def step(self, batch: Mapping[str, np.ndarray], weight: float = 1.0) -> dict[str, float]:
+        """One micro-batch; `weight` scales its gradient (`accumulation_weights`: with
+        grad_accum > 1, the finetune loop passes each batch's share of the step's targets)."""
+        self._flat[1], metrics = train_step(*self.step_args(batch, weight))
         self._views[1] = None  # the old state was donated
         return {k: float(v) for k, v in metrics.items()}
 
