@@ -25,7 +25,7 @@ from mistral_nnx.errors import MistralNNXError
 from mistral_nnx.model import Mistral
 from mistral_nnx.sharding import Sharder, activation_sharding
 from mistral_nnx.train.lora import without_dropout
-from mistral_nnx.train.loss import loss
+from mistral_nnx.train.loss import loss, target_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,17 +157,12 @@ def accumulation_weights(batches: Sequence[Mapping[str, np.ndarray]]) -> list[fl
     accumulated update (optax.MultiSteps averages the k gradients) the gradient of the mean
     loss over every target of the k batches, as one big batch and transformers' Trainer give:
     k x (its targets / all targets). Equal counts give 1.0 each."""
-    counts = [float(np.sum(_targets(b))) for b in batches]
+    counts = []
+    for b in batches:
+        valid = np.asarray(b.get("valid", True), bool)  # True: no padding
+        counts.append(float(np.sum(target_mask(np.asarray(b["loss_mask"], bool), valid))))
     total = sum(counts)
     return [len(counts) * n / total if total else 1.0 for n in counts]
-
-
-def _targets(batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The targets `loss` counts: token t + 1 where loss_mask and valid hold."""
-    mask = np.asarray(batch["loss_mask"], bool)
-    if "valid" in batch:
-        mask = mask & np.asarray(batch["valid"], bool)
-    return mask[:, 1:]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
