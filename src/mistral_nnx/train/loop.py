@@ -164,11 +164,11 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "log.jsonl").open("a" if cfg.resume else "w")
     bar = _bar(cfg, total_micro // accum, micro // accum)
-    window: list[dict[str, float]] = []
     t0 = time.perf_counter()
     try:
         while micro < total_micro:  # checkpoints fall between optimizer steps: micro % accum == 0
             group = [next(stream) for _ in range(accum)]
+            window: list[dict[str, float]] = []  # this optimizer step's micro-batches
             for batch, weight in zip(group, accumulation_weights(group), strict=True):
                 metrics = trainer.step(batch, weight)
                 metrics["seen"] = float(batch["valid"].sum())  # input tokens, padding excluded
@@ -187,7 +187,6 @@ def finetune(
                 "tokens": int(tokens),  # counted targets
                 "tokens_per_s": sum(m["seen"] for m in window) / max(elapsed, 1e-9),
             }
-            window = []
             losses.append(loss)
             if eval_examples and cfg.eval_every and step % cfg.eval_every == 0:
                 record["eval_loss"] = evaluate(trainer, eval_examples, cfg)
