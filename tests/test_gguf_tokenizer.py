@@ -116,13 +116,18 @@ def _write_tokenizer_gguf(path: Path, fields: dict[str, Any]) -> None:
     writer.close()
 
 
-@pytest.fixture(scope="module")
-def sentencepiece_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sentencepiece = pytest.importorskip("sentencepiece")
+def _mistral_common_data(name: str) -> Path:
+    """A tokenizer file mistral-common ships in its package data."""
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or spec.origin is None:
         pytest.skip("mistral-common is not installed")
-    model = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+    return Path(spec.origin).parent / "data" / name
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sentencepiece = pytest.importorskip("sentencepiece")
+    model = _mistral_common_data("tokenizer.model.v1")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
     n = sp.get_piece_size()
     types = []
@@ -233,12 +238,9 @@ def test_truncated_real_gguf(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tekken() -> tuple[Path, Any]:
     """mistral-common's packaged Tekken vocabulary (Nemo's, 131,072 ids) and its Tekkenizer."""
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or spec.origin is None:
-        pytest.skip("mistral-common is not installed")
+    path = _mistral_common_data("tekken_240911.json")
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-    path = Path(spec.origin).parent / "data" / "tekken_240911.json"
     return path, Tekkenizer.from_file(str(path))
 
 
