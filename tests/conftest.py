@@ -65,6 +65,18 @@ def hf_to_native(hf: dict[str, Any], heads: int, kv_heads: int) -> dict[str, Any
     return out
 
 
+def hf_greedy(hf_model: Any, prompt: list[int], new: int) -> list[int]:
+    """transformers' `new` greedy tokens after `prompt` (batch 1), EOS ignored."""
+    import torch
+
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
 def build_hf(kind: str, directory: Path, seed: int = 0, **overrides: Any) -> Any:
     """Create and save a tiny random HF model of `kind`; returns the torch model (eval, f32)."""
     import torch

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import hf_greedy
 from flax import nnx
 
 import mistral_nnx as mn
@@ -20,16 +21,6 @@ from mistral_nnx.errors import MistralNNXError
 def window16(hf_checkpoints):
     directory, hf_model = hf_checkpoints["gqa_window16"]
     return mn.load_model(directory, progress=False), hf_model
-
-
-def _hf_greedy(hf_model, prompt: list[int], new: int) -> list[int]:
-    """transformers' `new` greedy tokens after `prompt`, EOS ignored."""
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-            pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -89,7 +80,7 @@ def test_greedy_matches_transformers_generate(hf_checkpoints, name):
     directory, hf_model = hf_checkpoints[name]
     model = mn.load_model(directory, progress=False)
     prompt = _ids(24, 1)
-    ref = _hf_greedy(hf_model, prompt, 80)
+    ref = hf_greedy(hf_model, prompt, 80)
     for options in (EngineOptions(), EngineOptions(prefill_chunk=8, decode_steps=5)):
         out = generate(model, [prompt], max_new_tokens=80, options=options)[0]
         assert out.tokens == ref
@@ -105,7 +96,7 @@ def test_prompts_one_past_a_chunk_match_transformers(window16, lengths):
     options = EngineOptions(prefill_chunk=16)
     outs = generate(model, prompts, max_new_tokens=8, options=options)
     for prompt, out in zip(prompts, outs, strict=True):
-        ref = _hf_greedy(hf_model, prompt, 8)
+        ref = hf_greedy(hf_model, prompt, 8)
         assert out.tokens == ref, len(prompt)
 
 
@@ -216,7 +207,7 @@ def test_stream_yields_increments(window16):
     for delta in stream(model, prompts, max_new_tokens=13, options=options):
         pieces[delta.index].append(delta.tokens)
     for row, prompt in enumerate(prompts):
-        ref = _hf_greedy(hf_model, prompt, 13)
+        ref = hf_greedy(hf_model, prompt, 13)
         assert [len(p) for p in pieces[row]] == [1, 4, 4, 4]  # first token, then chunks of 4
         assert sum(pieces[row], []) == ref
 
@@ -346,11 +337,7 @@ def test_engine_traces_each_distinct_layer_once(hf_checkpoints, monkeypatch):
     programs, written_out = results
     assert programs.tokens == written_out.tokens
     np.testing.assert_array_equal(programs.logprobs, written_out.logprobs)
-    with torch.no_grad():  # and both are transformers' greedy continuation
-        expected = hf_model.generate(
-            torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None
-        )[0, 40:].tolist()
-    assert programs.tokens == expected
+    assert programs.tokens == hf_greedy(hf_model, ids, 20)  # both transformers' continuation
 
 
 def test_out_of_vocab_prompt_and_bad_options(window16):

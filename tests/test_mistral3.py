@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import hf_to_native, randomize_norms
+from conftest import hf_greedy, hf_to_native, randomize_norms
 from safetensors.numpy import load_file, save_file
 
 import mistral_nnx as mn
@@ -196,15 +196,6 @@ def test_prefill_then_decode_equals_full_forward(models):
     assert np.abs(np.concatenate(got) - reference).max() < 1e-4
 
 
-def _hf_greedy(hf_model: Any, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-            pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
-
-
 def test_greedy_generation_of_a_ragged_batch(models):
     """Two prompts of different lengths in one batch: each row's 64 greedy tokens equal
     transformers' generate on that prompt alone (positions differ per row past every period)."""
@@ -213,7 +204,7 @@ def test_greedy_generation_of_a_ragged_batch(models):
     prompts = [_tokens(1, n, seed=n)[0].tolist() for n in (5, 12)]
     batched = generate(model, prompts, max_new_tokens=64, options=EngineOptions(decode_steps=16))
     for prompt, result in zip(prompts, batched, strict=True):
-        assert result.tokens == _hf_greedy(hf_model, prompt, 64)
+        assert result.tokens == hf_greedy(hf_model, prompt, 64)
 
 
 # ---- Mistral native params.json ------------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_norms
+from conftest import hf_greedy, randomize_norms
 from safetensors.numpy import save_file
 
 import mistral_nnx as mn
@@ -186,12 +186,7 @@ def test_greedy_generation_of_a_ragged_batch(mixtral):
     prompts = [_tokens(1, n, seed=n)[0].tolist() for n in (4, 13)]
     batched = generate(model, prompts, max_new_tokens=64, options=EngineOptions(decode_steps=16))
     for prompt, result in zip(prompts, batched, strict=True):
-        with torch.no_grad():
-            ref = hf_model.generate(
-                torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(prompt) :].tolist()  # fmt: skip
-        assert result.tokens == ref
+        assert result.tokens == hf_greedy(hf_model, prompt, 64)
 
 
 # ---- other formats ------------------------------------------------------------------------------
